@@ -1,0 +1,249 @@
+// Routines on Azure: a Flex Consumption (Linux, Python 3.11) function app with a user-assigned
+// managed identity, identity-based storage (shared keys off), Application Insights on a Log
+// Analytics workspace (Entra-only ingestion), least-privilege role assignments, and every
+// Routines app setting of SPEC section 8 as a parameter with the spec's default.
+//
+// Deploy with `azd up` (azure.yaml, main.parameters.json) or
+// `az deployment sub create --location <region> --template-file infra/main.bicep --parameters environmentName=<name> location=<region>`.
+// See docs/deployment.md.
+
+targetScope = 'subscription'
+
+// ---------------------------------------------------------------------------------------------
+// Environment
+// ---------------------------------------------------------------------------------------------
+
+@minLength(1)
+@maxLength(64)
+@description('Environment name (azd: AZURE_ENV_NAME). Seeds resource names and the azd-env-name tag.')
+param environmentName string
+
+@minLength(1)
+@description('Region of every resource. It must offer the Flex Consumption plan: `az functionapp list-flexconsumption-locations`.')
+@metadata({
+  azd: {
+    type: 'location'
+  }
+})
+param location string
+
+@description('Resource group to create or reuse; default rg-<environmentName>.')
+param resourceGroupName string = ''
+
+@description('Object id of the person deploying (azd: AZURE_PRINCIPAL_ID). Used only with grantDeveloperDataAccess.')
+param principalId string = ''
+
+@description('Also give principalId Storage Queue/Table Data Contributor on the account, to inspect runs with --auth-mode login.')
+param grantDeveloperDataAccess bool = false
+
+@description('Optional name overrides; empty means a generated, globally unique name.')
+param functionAppName string = ''
+param storageAccountName string = ''
+
+// ---------------------------------------------------------------------------------------------
+// Scale
+// ---------------------------------------------------------------------------------------------
+
+@description('Upper bound on instances the plan scales out to (Flex Consumption accepts 40-1000).')
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 40
+
+@description('Memory of each instance; on-demand execution is billed per GB-second of this size.')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+// ---------------------------------------------------------------------------------------------
+// Routines settings (SPEC section 8). Defaults are the spec's; tests/test_infra.py checks they
+// match routines/config.py.
+// ---------------------------------------------------------------------------------------------
+
+@description('ROUTINES_STORAGE_CONNECTION: name of the storage connection Routines uses.')
+param storageConnectionName string = 'AzureWebJobsStorage'
+
+@description('ROUTINES_QUEUE_NAME: dispatch queue; its poison queue is <name>-poison.')
+@minLength(3)
+@maxLength(56)
+param queueName string = 'routine-dispatch'
+
+@description('ROUTINES_TABLE_PREFIX: prefix of every table (<prefix>Routines, <prefix>Runs).')
+@minLength(1)
+@maxLength(40)
+param tablePrefix string = 'routines'
+
+@description('ROUTINES_AGENT_BACKEND: foundry or http.')
+@allowed([
+  'foundry'
+  'http'
+])
+param agentBackend string = 'foundry'
+
+@description('ROUTINES_FOUNDRY_PROJECT_ENDPOINT: https://<resource>.services.ai.azure.com/api/projects/<project>.')
+param foundryProjectEndpoint string = ''
+
+@description('ROUTINES_AGENT_ENDPOINT: base URL of the HTTP agent backend.')
+param agentEndpoint string = ''
+
+@description('ROUTINES_AGENT_TOKEN: bearer token for the HTTP backend. For production use a Key Vault reference.')
+@secure()
+param agentToken string = ''
+
+@description('ROUTINES_AGENT_SIGNING_SECRET: HMAC secret for the HTTP backend. For production use a Key Vault reference.')
+@secure()
+param agentSigningSecret string = ''
+
+@description('ROUTINES_MIN_INTERVAL_SECONDS: shortest allowed cron interval.')
+@minValue(1)
+param minIntervalSeconds int = 60
+
+@description('ROUTINES_RUN_RETENTION_DAYS: run history retention.')
+@minValue(1)
+param runRetentionDays int = 30
+
+@description('ROUTINES_RUN_ARCHIVE_CONTAINER: blob container purged runs are archived to (created here when set); empty for none.')
+param runArchiveContainer string = ''
+
+// ---------------------------------------------------------------------------------------------
+// Foundry access (optional). With an account name, the identity gets "Azure AI User" on the
+// project (or the account when no project is named). Without one, grant it by hand: see
+// docs/deployment.md.
+// ---------------------------------------------------------------------------------------------
+
+@description('Existing Foundry (AI Services) account the app calls; empty to skip the role assignment.')
+param foundryAccountName string = ''
+
+@description('Resource group of that account; empty means the app\'s resource group.')
+param foundryResourceGroupName string = ''
+
+@description('Foundry project under the account; empty grants on the whole account.')
+param foundryProjectName string = ''
+
+// ---------------------------------------------------------------------------------------------
+// Names
+// ---------------------------------------------------------------------------------------------
+
+var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
+var tags = {
+  'azd-env-name': environmentName
+}
+var appName = !empty(functionAppName) ? functionAppName : 'func-api-${resourceToken}'
+var deploymentContainerName = 'app-package-${take(appName, 32)}-${take(resourceToken, 7)}'
+
+resource rg 'Microsoft.Resources/resourceGroups@2021-04-01' = {
+  name: !empty(resourceGroupName) ? resourceGroupName : 'rg-${environmentName}'
+  location: location
+  tags: tags
+}
+
+module identity './app/identity.bicep' = {
+  name: 'identity'
+  scope: rg
+  params: {
+    name: 'id-api-${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module storage './app/storage.bicep' = {
+  name: 'storage'
+  scope: rg
+  params: {
+    name: !empty(storageAccountName) ? storageAccountName : 'st${resourceToken}'
+    location: location
+    tags: tags
+    deploymentContainerName: deploymentContainerName
+    queueName: queueName
+    tablePrefix: tablePrefix
+    archiveContainerName: runArchiveContainer
+  }
+}
+
+module monitoring './app/monitoring.bicep' = {
+  name: 'monitoring'
+  scope: rg
+  params: {
+    logAnalyticsName: 'log-${resourceToken}'
+    applicationInsightsName: 'appi-${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module rbac './app/rbac.bicep' = {
+  name: 'rbac'
+  scope: rg
+  params: {
+    storageAccountName: storage.outputs.name
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    principalId: identity.outputs.principalId
+    developerPrincipalId: grantDeveloperDataAccess ? principalId : ''
+  }
+}
+
+module foundryRbac './app/foundry-rbac.bicep' = if (!empty(foundryAccountName)) {
+  name: 'foundry-rbac'
+  scope: resourceGroup(!empty(foundryResourceGroupName) ? foundryResourceGroupName : rg.name)
+  params: {
+    accountName: foundryAccountName
+    projectName: foundryProjectName
+    principalId: identity.outputs.principalId
+  }
+}
+
+// Every Routines setting of SPEC section 8 (APPLICATIONINSIGHTS_CONNECTION_STRING and the
+// identity wiring are added in function.bicep). Empty values are read as "not set".
+var routinesSettings = {
+  ROUTINES_STORAGE_CONNECTION: storageConnectionName
+  ROUTINES_QUEUE_NAME: queueName
+  ROUTINES_TABLE_PREFIX: tablePrefix
+  ROUTINES_AGENT_BACKEND: agentBackend
+  ROUTINES_FOUNDRY_PROJECT_ENDPOINT: foundryProjectEndpoint
+  ROUTINES_AGENT_ENDPOINT: agentEndpoint
+  ROUTINES_AGENT_TOKEN: agentToken
+  ROUTINES_AGENT_SIGNING_SECRET: agentSigningSecret
+  ROUTINES_MIN_INTERVAL_SECONDS: string(minIntervalSeconds)
+  ROUTINES_RUN_RETENTION_DAYS: string(runRetentionDays)
+  ROUTINES_RUN_ARCHIVE_CONTAINER: runArchiveContainer
+}
+
+module api './app/function.bicep' = {
+  name: 'function'
+  scope: rg
+  params: {
+    planName: 'plan-${resourceToken}'
+    functionAppName: appName
+    location: location
+    tags: tags
+    identityId: identity.outputs.id
+    identityClientId: identity.outputs.clientId
+    blobEndpoint: storage.outputs.blobEndpoint
+    queueEndpoint: storage.outputs.queueEndpoint
+    tableEndpoint: storage.outputs.tableEndpoint
+    deploymentContainerName: deploymentContainerName
+    applicationInsightsConnectionString: monitoring.outputs.connectionString
+    storageConnectionName: storageConnectionName
+    appSettings: routinesSettings
+    maximumInstanceCount: maximumInstanceCount
+    instanceMemoryMB: instanceMemoryMB
+  }
+  // Start the host only once its identity can reach storage and Application Insights.
+  dependsOn: [
+    rbac
+  ]
+}
+
+output AZURE_LOCATION string = location
+output AZURE_TENANT_ID string = tenant().tenantId
+output AZURE_RESOURCE_GROUP string = rg.name
+output AZURE_FUNCTION_APP_NAME string = api.outputs.name
+output SERVICE_API_NAME string = api.outputs.name
+output SERVICE_API_URI string = 'https://${api.outputs.defaultHostName}'
+output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
+output AZURE_IDENTITY_CLIENT_ID string = identity.outputs.clientId
+output AZURE_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
+output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.applicationInsightsName
