@@ -1,0 +1,46 @@
+"""The small error tree every layer raises; adapters translate SDK errors into it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RoutinesError(Exception):
+    """Root of every error Routines raises on purpose."""
+
+
+class NotFound(RoutinesError):
+    """The routine or run does not exist."""
+
+
+class Conflict(RoutinesError):
+    """The write conflicts with existing state (a name taken, a row already present)."""
+
+
+class PreconditionFailed(RoutinesError):
+    """A conditional write lost: the entity changed since it was read (ETag or If-Match mismatch)."""
+
+
+class ValidationError(RoutinesError):
+    """Input is invalid. ``errors`` holds ``{"loc": [...], "msg": "..."}`` items."""
+
+    def __init__(self, message: str, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class StorageUnavailable(RoutinesError):
+    """Storage could not be reached or answered with a server error."""
+
+
+class AgentError(RoutinesError):
+    """An agent call failed.
+
+    ``retriable`` says whether the retry policy may try again; ``retry_after`` (seconds) is the
+    agent's own back-off hint (``Retry-After``), honoured as a lower bound of the next delay.
+    """
+
+    def __init__(self, message: str, *, retriable: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+        self.retry_after = retry_after
