@@ -1,0 +1,379 @@
+"""The resources of SPEC section 2 as pydantic models, with every validation rule.
+
+Validation that depends on the deployment or the clock (the minimum cron interval, "a timer must lie
+in the future") reads them from the validation context: ``{"min_interval_seconds": int, "now": datetime}``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from routines import schedule
+
+MAX_INPUT_BYTES = 32 * 1024
+MAX_INPUT_DEPTH = 64  # nesting of objects and arrays in an action input
+OUTPUT_LIMIT_BYTES = 4 * 1024
+NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+
+def utc_text(value: datetime) -> str:
+    """RFC 3339 UTC with a ``Z`` suffix, whole seconds unless the instant has a fraction."""
+    value = value.astimezone(UTC)
+    text = value.isoformat(timespec="milliseconds" if value.microsecond else "seconds")
+    return text.replace("+00:00", "Z")
+
+
+def to_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[AwareDatetime, PlainSerializer(utc_text, return_type=str, when_used="json")]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+
+
+class CompactModel(Model):
+    """Leaves unset optional fields (``None``) out of its JSON, e.g. ``agent_name`` of an action
+    addressed by ``agent_id``."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+# --- triggers -------------------------------------------------------------------------------------
+
+
+class ScheduleTrigger(Model):
+    type: Literal["schedule"]
+    cron_expression: str = Field(min_length=1, max_length=200)
+    time_zone: str = Field(default="UTC", min_length=1, max_length=64)
+
+    @field_validator("cron_expression")
+    @classmethod
+    def _valid_cron(cls, value: str, info: ValidationInfo) -> str:
+        minimum = int((info.context or {}).get("min_interval_seconds", 0) or 0)
+        try:
+            if minimum:
+                schedule.validate_cron(value, "UTC", minimum)
+            else:
+                schedule.parse_cron(value, "UTC")
+        except schedule.ScheduleError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _valid_zone(cls, value: str) -> str:
+        try:
+            schedule.parse_cron("0 0 * * *", value)
+        except schedule.ScheduleError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class TimerTrigger(Model):
+    type: Literal["timer"]
+    at: UtcDatetime
+
+    @field_validator("at")
+    @classmethod
+    def _in_future(cls, value: datetime, info: ValidationInfo) -> datetime:
+        try:
+            value = to_utc(value)
+        except OverflowError:
+            raise ValueError("is out of range in UTC") from None
+        now = (info.context or {}).get("now")
+        # A timer fires at ``at`` truncated to the second (``schedule.next_fire_after``): that
+        # instant must be ahead, or an ``at`` a fraction of a second ahead would never fire.
+        if now is not None and value.replace(microsecond=0) <= now:
+            raise ValueError(f"must lie in the future (now is {utc_text(now)})")
+        if value.year >= 2200:
+            raise ValueError("must be before the year 2200")
+        return value
+
+
+Trigger = Annotated[ScheduleTrigger | TimerTrigger, Field(discriminator="type")]
+
+# --- actions --------------------------------------------------------------------------------------
+
+AGENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest in ``value`` (iterative: the input may be hostile)."""
+    depth, level = 0, [value]
+    while level := [v for v in level if isinstance(v, dict | list)]:
+        depth += 1
+        level = [item for v in level for item in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
+class _Action(CompactModel):
+    agent_id: str | None = Field(default=None, pattern=AGENT_ID_PATTERN)
+    agent_name: str | None = Field(default=None, pattern=AGENT_ID_PATTERN)
+    agent_version: str | None = Field(default=None, min_length=1, max_length=64)
+    input: str | dict[str, Any]
+
+    @field_validator("input")
+    @classmethod
+    def _input_size(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
+        # Checked first: pydantic cannot serialize nesting much past 250 levels, and json.dumps
+        # recurses; either would turn an accepted input into a server error.
+        if _depth(value) > MAX_INPUT_DEPTH:
+            raise ValueError(f"nests objects and arrays deeper than {MAX_INPUT_DEPTH} levels")
+        size = len(json.dumps(value, ensure_ascii=False).encode())
+        if size > MAX_INPUT_BYTES:
+            raise ValueError(f"JSON encoding is {size} bytes; at most {MAX_INPUT_BYTES} are allowed")
+        return value
+
+    @model_validator(mode="after")
+    def _one_agent(self) -> _Action:
+        if (self.agent_id is None) == (self.agent_name is None):
+            raise ValueError("give exactly one of agent_id or agent_name")
+        if self.agent_version is not None and self.agent_name is None:
+            raise ValueError("agent_version goes with agent_name, not agent_id")
+        return self
+
+    @property
+    def agent(self) -> str:
+        return self.agent_id or self.agent_name or ""
+
+
+class InvocationAction(_Action):
+    type: Literal["invocation"]
+
+
+class ResponseAction(_Action):
+    type: Literal["response"]
+    thread_id: str | None = Field(default=None, min_length=1, max_length=128)
+    max_thread_messages: int = Field(default=200, ge=2, le=100_000)
+
+
+Action = Annotated[InvocationAction | ResponseAction, Field(discriminator="type")]
+
+# --- policies -------------------------------------------------------------------------------------
+
+
+class RetryPolicy(CompactModel):
+    """Both forms of SPEC 2.4: fixed ``delays_seconds``, or ``backoff: exponential``."""
+
+    max_attempts: int = Field(default=4, ge=1, le=50)
+    delays_seconds: list[Annotated[int, Field(ge=0, le=7 * 86400)]] | None = None
+    backoff: Literal["fixed", "exponential"] | None = None
+    initial_delay_seconds: int | None = Field(default=None, ge=0, le=86400)
+    max_delay_seconds: int | None = Field(default=None, ge=1, le=7 * 86400)
+    jitter: bool | None = None
+    max_age_seconds: int | None = Field(default=None, ge=1, le=30 * 86400)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> RetryPolicy:
+        if self.backoff == "exponential":
+            if self.delays_seconds is not None:
+                raise ValueError("delays_seconds is for fixed delays; drop it or drop backoff: exponential")
+            if self.initial_delay_seconds is None:
+                self.initial_delay_seconds = 30
+            if self.max_delay_seconds is None:
+                self.max_delay_seconds = 3600
+            if self.jitter is None:
+                self.jitter = True
+        else:
+            extras = [
+                n
+                for n in ("initial_delay_seconds", "max_delay_seconds", "jitter")
+                if getattr(self, n) is not None
+            ]
+            if extras:
+                raise ValueError(f"{', '.join(extras)} need backoff: exponential")
+            if self.delays_seconds is None:
+                self.delays_seconds = [60, 300, 900]
+            if not self.delays_seconds and self.max_attempts > 1:
+                raise ValueError("delays_seconds needs at least one delay when max_attempts is above 1")
+        return self
+
+
+class OverlapPolicy(StrEnum):
+    skip = "skip"
+    buffer_one = "buffer_one"
+    allow_all = "allow_all"
+
+
+class RoutineState(StrEnum):
+    enabled = "enabled"
+    disabled = "disabled"
+    completed = "completed"
+
+
+class _RoutineFields(Model):
+    """The user-settable fields of a routine (create body, merge-patch result)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = Field(default="", max_length=2048)
+    trigger: Trigger
+    actions: list[Action] = Field(min_length=1, max_length=10)
+    retry_policy: RetryPolicy = Field(default_factory=RetryPolicy)
+    overlap_policy: OverlapPolicy = OverlapPolicy.skip
+    catchup_window_seconds: int = Field(default=3600, ge=0, le=30 * 86400)
+    timeout_seconds: int = Field(default=600, ge=1, le=86400)
+
+    @field_validator("description", mode="before")
+    @classmethod
+    def _null_description(cls, value: Any) -> Any:
+        return "" if value is None else value
+
+
+class RoutineCreate(_RoutineFields):
+    state: Literal[RoutineState.enabled, RoutineState.disabled] = RoutineState.enabled
+
+
+MUTABLE_FIELDS = tuple(n for n in _RoutineFields.model_fields)
+
+
+class Routine(_RoutineFields):
+    id: str
+    state: RoutineState
+    next_fire_at: UtcDatetime | None = None
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+    version: int = Field(ge=1)
+    # Internal: the version at which the schedule last changed (trigger edit, enable). A queued fire
+    # carrying an older version is stale (guarantee 4); other edits leave queued fires valid.
+    schedule_version: int = Field(default=1, ge=1, exclude=True)
+    # Internal: the fire the due index holds (None when nothing is left to enqueue). Equal to
+    # next_fire_at, except for a timer whose fire is already enqueued but not yet run.
+    due_at: UtcDatetime | None = Field(default=None, exclude=True)
+
+    def public(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def new_routine_id() -> str:
+    return "rt_" + secrets.token_hex(8)
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+
+class RunStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    retrying = "retrying"
+    succeeded = "succeeded"
+    failed = "failed"
+    skipped = "skipped"
+    missed = "missed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset(
+    {RunStatus.succeeded, RunStatus.failed, RunStatus.skipped, RunStatus.missed, RunStatus.cancelled}
+)
+
+
+class RunTrigger(StrEnum):
+    schedule = "schedule"
+    timer = "timer"
+    manual = "manual"
+
+
+class ActionResult(Model):
+    index: int
+    status: RunStatus = RunStatus.queued
+    agent_run_id: str | None = None
+    thread_id: str | None = None
+    output: str | None = None
+    error_message: str | None = None
+
+
+class RunProgress(Model):
+    """Dispatcher bookkeeping, never shown in the API: the attempt lease and the pending agent call."""
+
+    lease_owner: str | None = None
+    lease_until: UtcDatetime | None = None
+    action_index: int = 0
+    poll: dict[str, Any] | None = None  # backend handle of a started agent run, for status polls
+    poll_deadline: UtcDatetime | None = None
+    input_override: str | dict[str, Any] | None = None
+    routine_version: int | None = None
+    holds_slot: bool = False  # this run holds the routine's overlap slot and must release it
+    attempt_started_at: UtcDatetime | None = None  # the timeout runs from here
+
+
+class Run(Model):
+    id: str
+    routine_id: str
+    trigger: RunTrigger
+    scheduled_for: UtcDatetime
+    status: RunStatus
+    attempt: int = 0
+    max_attempts: int = 1
+    next_attempt_at: UtcDatetime | None = None
+    started_at: UtcDatetime | None = None
+    ended_at: UtcDatetime | None = None
+    idempotency_key: str
+    actions: list[ActionResult] = Field(default_factory=list)
+    error_message: str | None = None
+    trace_id: str | None = None
+    progress: RunProgress = Field(default_factory=RunProgress, exclude=True)
+
+    def public(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"progress"})
+
+
+_EPOCH_LIMIT_MS = 10**13  # year 2286: keeps inverted timestamps 13 digits wide
+
+
+def run_id_for(scheduled_for: datetime, discriminator: str) -> str:
+    """Run ids sort newest first (inverted milliseconds), so they double as the run table's row key."""
+    ms = int(scheduled_for.timestamp() * 1000)
+    return f"run_{_EPOCH_LIMIT_MS - ms:013d}_{discriminator}"
+
+
+def scheduled_run_id(routine_id: str, scheduled_for: datetime) -> str:
+    """The run of fire ``(routine_id, scheduled_for)``: deterministic, so every delivery of a fire
+    finds the same run (insert-if-absent is the dedup)."""
+    import hashlib
+
+    digest = hashlib.sha256(idempotency_key(routine_id, scheduled_for).encode()).hexdigest()[:10]
+    return run_id_for(scheduled_for, digest)
+
+
+def manual_run_id(now: datetime) -> str:
+    return run_id_for(now, "m" + secrets.token_hex(5))
+
+
+def idempotency_key(routine_id: str, scheduled_for: datetime) -> str:
+    return f"{routine_id}:{utc_text(scheduled_for)}"
+
+
+RUN_ID_PATTERN = re.compile(r"^run_\d{13}_[a-z0-9]{10,11}$")
+ROUTINE_ID_PATTERN = re.compile(r"^rt_[0-9a-f]{16}$")
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,154 @@
+"""The storage interface: everything Routines keeps, behind one small protocol.
+
+Two implementations pass the same contract suite (``tests/test_store_contract.py``):
+``MemoryStore`` (fast unit tests) and ``TableStore`` (Azure Tables / Azurite).
+
+Layout and costs (TableStore):
+- One partition holds every routine, its name-index row and its due-index row, so a create, rename,
+  reschedule or delete is a single entity-group transaction and the due index can never disagree with
+  the routine. The due index is keyed by fire time, so finding due fires is one range query whose cost
+  grows with the number of due fires, not the number of routines (guarantee 5).
+- Runs live in their own table, one partition per routine, row key = run id (newest first). The
+  overlap slot of a routine is one more row in that partition, written in the same transaction as the
+  run it admits or releases.
+
+ETags: every read returns an opaque ``etag``; conditional writes raise ``PreconditionFailed`` when the
+entity changed since. Errors: ``NotFound``, ``Conflict``, ``PreconditionFailed``, ``StorageUnavailable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from routines.models import Routine, Run, RunStatus
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Any]
+    continuation: str | None
+
+
+@dataclass(frozen=True)
+class DueEntry:
+    """One routine's next fire in the due index, with what the tick needs to schedule it
+    without reading the routine."""
+
+    routine_id: str
+    name: str
+    fire_at: datetime
+    trigger: dict[str, Any]
+    schedule_version: int
+    catchup_window_seconds: int
+    etag: str
+
+
+@dataclass(frozen=True)
+class Advance:
+    """Move ``entry`` to ``next_fire_at`` (``None``: nothing more to fire; ``completed`` marks a timer
+    routine done)."""
+
+    entry: DueEntry
+    next_fire_at: datetime | None
+    completed: bool = False
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The overlap slot of a routine: the run holding it and at most one buffered run."""
+
+    holder: str
+    buffered: str | None
+    etag: str
+
+
+@dataclass(frozen=True)
+class SlotWrite:
+    """A change to the slot made atomically with a run write. ``holder=None`` releases (deletes) it;
+    ``etag=None`` creates it (fails with ``Conflict`` if someone holds it)."""
+
+    holder: str | None
+    buffered: str | None = None
+    etag: str | None = None
+
+
+class Store(Protocol):
+    # --- routines -----------------------------------------------------------------------------
+    def create_routine(self, routine: Routine) -> str:
+        """Insert a new routine (and its due entry when ``next_fire_at`` is set); returns its etag.
+        Raises ``Conflict`` when the name is taken."""
+        ...
+
+    def get_routine(self, routine_id: str) -> tuple[Routine, str]:
+        """Raises ``NotFound``."""
+        ...
+
+    def replace_routine(self, routine: Routine, etag: str, previous: Routine) -> str:
+        """Replace ``previous`` (read with ``etag``) by ``routine``, moving its name and due entry
+        as needed, atomically. Raises ``NotFound``, ``PreconditionFailed``, ``Conflict`` (name taken)."""
+        ...
+
+    def delete_routine(self, routine_id: str) -> None:
+        """Delete a routine with its name and due entries. Runs stay. Raises ``NotFound``."""
+        ...
+
+    def list_routines(self, state: str | None, limit: int, continuation: str | None) -> Page:
+        """Routines in id order. Raises ``ValidationError`` for a malformed continuation."""
+        ...
+
+    # --- due index ----------------------------------------------------------------------------
+    def due_entries(self, before: datetime) -> list[DueEntry]:
+        """Every due entry firing before ``before``, oldest first."""
+        ...
+
+    def advance(self, advances: Sequence[Advance]) -> list[bool]:
+        """Move due entries forward, each conditional on its etag; returns, per advance, whether it
+        was applied (``False``: the entry changed since it was read, someone else moved it)."""
+        ...
+
+    # --- runs ---------------------------------------------------------------------------------
+    def insert_run(self, run: Run, slot: SlotWrite | None = None) -> str:
+        """Insert a run (and change the slot) atomically; returns the run's etag. Raises ``Conflict``
+        when the run exists, ``SlotTaken`` when the slot write loses."""
+        ...
+
+    def get_run(self, routine_id: str, run_id: str) -> tuple[Run, str]:
+        """Raises ``NotFound``."""
+        ...
+
+    def replace_run(self, run: Run, etag: str, slot: SlotWrite | None = None) -> str:
+        """Conditional replace (and slot change) atomically; returns the new etag. Raises
+        ``PreconditionFailed`` (run changed) or ``SlotTaken`` (slot changed)."""
+        ...
+
+    def list_runs(
+        self, routine_id: str, status: RunStatus | None, limit: int, continuation: str | None
+    ) -> Page:
+        """Runs of one routine, newest first."""
+        ...
+
+    def get_slot(self, routine_id: str) -> Slot | None: ...
+
+    def runs_scheduled_before(self, cutoff: datetime) -> Iterator[Run]:
+        """Every run (of any routine) scheduled before ``cutoff``, for the purge."""
+        ...
+
+    def delete_runs(self, runs: Sequence[Run]) -> int:
+        """Delete runs; returns how many were deleted (already gone ones are not errors)."""
+        ...
+
+    # --- coordination -------------------------------------------------------------------------
+    def try_lease(self, name: str, owner: str, now: datetime, until: datetime) -> bool:
+        """Take or renew the named lease if it is free, expired or already ``owner``'s."""
+        ...
+
+    def ping(self) -> None:
+        """Raises ``StorageUnavailable`` when storage does not answer."""
+        ...
+
+
+class SlotTaken(Exception):  # a signal between store and dispatcher, not a user error
+    """The overlap slot changed (or is held) since it was read."""

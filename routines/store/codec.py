@@ -1,0 +1,235 @@
+"""Model <-> stored row conversion and the key layout, shared by both stores (round-trip tested)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from routines.errors import ValidationError
+from routines.models import Routine, Run
+from routines.store.base import DueEntry
+
+ROUTINE_PK = "r"
+ROUTINE_PREFIX = "id:"
+NAME_PREFIX = "name:"
+DUE_PREFIX = "due:"
+LEASE_PREFIX = "lease:"
+RUN_PREFIX = "run_"
+RUN_END = "run`"  # the character after "_": the end of the run-id range
+SLOT_RK = "slot"
+# A table string property holds at most 64 KiB of UTF-16. A code point takes up to 4 bytes of UTF-16
+# (emoji and other astral characters are surrogate pairs), so 15,000 code points always fit.
+CHUNK = 15_000
+
+
+def routine_rk(routine_id: str) -> str:
+    return ROUTINE_PREFIX + routine_id
+
+
+def name_rk(name: str) -> str:
+    return NAME_PREFIX + name
+
+
+def due_rk(fire_at: datetime, routine_id: str) -> str:
+    return f"{DUE_PREFIX}{int(fire_at.timestamp() * 1000):014d}:{routine_id}"
+
+
+def due_bound(before: datetime) -> str:
+    return f"{DUE_PREFIX}{int(before.timestamp() * 1000):014d}"
+
+
+def lease_rk(name: str) -> str:
+    return LEASE_PREFIX + name
+
+
+def _chunks(text: str) -> dict[str, str]:
+    return {f"Data{i}": text[i * CHUNK : (i + 1) * CHUNK] for i in range(max(1, -(-len(text) // CHUNK)))}
+
+
+def _join(row: dict[str, Any]) -> str:
+    parts, i = [], 0
+    while f"Data{i}" in row:
+        parts.append(str(row[f"Data{i}"]))
+        i += 1
+    return "".join(parts)
+
+
+def routine_row(routine: Routine) -> dict[str, Any]:
+    body = routine.model_dump(mode="json", exclude={"state", "next_fire_at"})
+    body["schedule_version"] = routine.schedule_version
+    return {
+        "PartitionKey": ROUTINE_PK,
+        "RowKey": routine_rk(routine.id),
+        "Name": routine.name,
+        "State": routine.state.value,
+        "NextFireAt": iso(routine.next_fire_at),
+        "DueAt": iso(routine.due_at),
+        **_chunks(json.dumps(body, separators=(",", ":"), ensure_ascii=False)),
+    }
+
+
+def routine_from_row(row: dict[str, Any]) -> Routine:
+    body = json.loads(_join(row))
+    body["state"] = row["State"]
+    body["next_fire_at"] = row.get("NextFireAt") or None
+    body["due_at"] = row.get("DueAt") or None
+    return Routine.model_validate(body)
+
+
+def name_row(routine: Routine) -> dict[str, Any]:
+    return {"PartitionKey": ROUTINE_PK, "RowKey": name_rk(routine.name), "RoutineId": routine.id}
+
+
+def due_row(routine: Routine) -> dict[str, Any] | None:
+    if routine.due_at is None:
+        return None
+    return {
+        "PartitionKey": ROUTINE_PK,
+        "RowKey": due_rk(routine.due_at, routine.id),
+        "RoutineId": routine.id,
+        "Name": routine.name,
+        "Trigger": json.dumps(routine.trigger.model_dump(mode="json"), separators=(",", ":")),
+        "ScheduleVersion": routine.schedule_version,
+        "Catchup": routine.catchup_window_seconds,
+    }
+
+
+def due_entry_from_row(row: dict[str, Any], etag: str) -> DueEntry:
+    ms = int(str(row["RowKey"])[len(DUE_PREFIX) :].split(":", 1)[0])
+    return DueEntry(
+        routine_id=row["RoutineId"],
+        name=row["Name"],
+        fire_at=datetime.fromtimestamp(ms / 1000, UTC),
+        trigger=json.loads(row["Trigger"]),
+        schedule_version=int(row["ScheduleVersion"]),
+        catchup_window_seconds=int(row["Catchup"]),
+        etag=etag,
+    )
+
+
+def moved_due_row(entry: DueEntry, fire_at: datetime) -> dict[str, Any]:
+    return {
+        "PartitionKey": ROUTINE_PK,
+        "RowKey": due_rk(fire_at, entry.routine_id),
+        "RoutineId": entry.routine_id,
+        "Name": entry.name,
+        "Trigger": json.dumps(entry.trigger, separators=(",", ":")),
+        "ScheduleVersion": entry.schedule_version,
+        "Catchup": entry.catchup_window_seconds,
+    }
+
+
+def run_row(run: Run) -> dict[str, Any]:
+    body = run.model_dump(mode="json")
+    body["progress"] = run.progress.model_dump(mode="json")
+    return {
+        "PartitionKey": run.routine_id,
+        "RowKey": run.id,
+        "Status": run.status.value,
+        "ScheduledFor": iso(run.scheduled_for),
+        **_chunks(json.dumps(body, separators=(",", ":"), ensure_ascii=False)),
+    }
+
+
+def run_from_row(row: dict[str, Any]) -> Run:
+    return Run.model_validate(json.loads(_join(row)))
+
+
+def iso(value: datetime | None) -> str:
+    """Fixed width (always microseconds), so stored times compare as text in instant order: the
+    stores filter and compare them as strings (purge cutoff, lease expiry)."""
+    if value is None:
+        return ""
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def encode_continuation(row_key: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"after": row_key}).encode()).decode().rstrip("=")
+
+
+def decode_continuation(token: str | None, prefix: str) -> str | None:
+    """The row key to continue after. Raises ``ValidationError`` for a token we did not issue."""
+    if token is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        after = json.loads(raw)["after"]
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        after = None
+    if not isinstance(after, str) or not after.startswith(prefix) or len(after) > 200:
+        raise ValidationError(
+            "continuation is not a token this API issued",
+            [{"loc": ["query", "continuation"], "msg": "invalid continuation token"}],
+        )
+    return after
+
+
+# --- write plans: the rows each operation touches, executed atomically by either store -----------
+
+Op = tuple[str, dict[str, Any], str | None]  # (insert | replace | upsert | merge | delete, row, etag)
+
+
+def create_routine_ops(routine: Routine) -> list[Op]:
+    ops: list[Op] = [("insert", routine_row(routine), None), ("insert", name_row(routine), None)]
+    due = due_row(routine)
+    if due:
+        ops.append(("insert", due, None))
+    return ops
+
+
+def replace_routine_ops(routine: Routine, etag: str, previous: Routine) -> list[Op]:
+    ops: list[Op] = [("replace", routine_row(routine), etag)]
+    if routine.name != previous.name:
+        ops.append(("delete", name_row(previous), None))
+        ops.append(("insert", name_row(routine), None))
+    old_due, new_due = due_row(previous), due_row(routine)
+    if old_due != new_due:
+        if old_due and new_due and old_due["RowKey"] == new_due["RowKey"]:
+            ops.append(("replace", new_due, None))
+        else:
+            if old_due:
+                ops.append(("delete", old_due, None))
+            if new_due:
+                ops.append(("insert", new_due, None))
+    return ops
+
+
+def delete_routine_ops(routine: Routine, etag: str) -> list[Op]:
+    ops: list[Op] = [("delete", routine_row(routine), etag), ("delete", name_row(routine), None)]
+    due = due_row(routine)
+    if due:
+        ops.append(("delete", due, None))
+    return ops
+
+
+def advance_ops(entry: DueEntry, next_fire_at: datetime | None, completed: bool) -> list[Op]:
+    """Delete the due row (conditional on its etag: the lock against a concurrent tick or edit),
+    merge the routine's next fire, insert the moved due row."""
+    key = {"PartitionKey": ROUTINE_PK, "RowKey": due_rk(entry.fire_at, entry.routine_id)}
+    patch: dict[str, Any] = {
+        "PartitionKey": ROUTINE_PK,
+        "RowKey": routine_rk(entry.routine_id),
+        "DueAt": iso(next_fire_at),
+    }
+    if next_fire_at is not None or completed:  # else: a timer enqueued, still shown until it runs
+        patch["NextFireAt"] = iso(next_fire_at)
+    if completed:
+        patch["State"] = "completed"
+    ops: list[Op] = [("delete", key, entry.etag), ("merge", patch, None)]
+    if next_fire_at is not None:
+        ops.append(("insert", moved_due_row(entry, next_fire_at), None))
+    return ops
+
+
+def slot_op(routine_id: str, holder: str | None, buffered: str | None, etag: str | None) -> Op:
+    row = {"PartitionKey": routine_id, "RowKey": SLOT_RK, "Holder": holder or "", "Buffered": buffered or ""}
+    if etag is None:
+        return ("insert", row, None)
+    return ("delete" if holder is None else "replace", row, etag)
+
+
+def lease_row(name: str, owner: str, until: datetime) -> dict[str, Any]:
+    return {"PartitionKey": ROUTINE_PK, "RowKey": lease_rk(name), "Owner": owner, "Until": iso(until)}

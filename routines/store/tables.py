@@ -1,0 +1,350 @@
+"""``Store`` on Azure Table Storage (or Azurite). Layout: see ``routines.store.base``.
+
+Every SDK error is translated here into the error tree (``raise ... from exc``); filters are always
+parameterised (``@name``), never built by pasting strings.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.data.tables import TableClient, TableServiceClient, TableTransactionError, UpdateMode
+
+from routines.errors import Conflict, NotFound, PreconditionFailed, RoutinesError, StorageUnavailable
+from routines.models import Routine, Run, RunStatus
+from routines.store import codec
+from routines.store.base import Advance, DueEntry, Page, Slot, SlotTaken, SlotWrite
+
+_CONDITION_FAILED = {"UpdateConditionNotSatisfied", "ConditionNotMet"}
+
+
+def _translate(exc: AzureError, what: str) -> RoutinesError:
+    if isinstance(exc, ResourceExistsError):
+        return Conflict(f"{what}: exists")
+    if isinstance(exc, ResourceNotFoundError):
+        return NotFound(f"{what}: not found")
+    if isinstance(exc, ResourceModifiedError):
+        return PreconditionFailed(f"{what}: changed")
+    if isinstance(exc, HttpResponseError):
+        code = str(getattr(exc, "error_code", "") or "")
+        if exc.status_code == 409 or code == "EntityAlreadyExists":
+            return Conflict(f"{what}: exists")
+        if exc.status_code == 404 or code == "ResourceNotFound":
+            return NotFound(f"{what}: not found")
+        if exc.status_code == 412 or code in _CONDITION_FAILED:
+            return PreconditionFailed(f"{what}: changed")
+        if exc.status_code is not None and exc.status_code < 500:
+            return RoutinesError(f"{what}: storage refused the request ({exc.status_code} {code})")
+    return StorageUnavailable(f"{what}: storage unavailable ({type(exc).__name__})")
+
+
+class TableStore:
+    def __init__(self, service: TableServiceClient, prefix: str) -> None:
+        self._service = service
+        self.routines_table = f"{prefix}Routines"
+        self.runs_table = f"{prefix}Runs"
+        self._routines: TableClient = service.get_table_client(self.routines_table)
+        self._runs: TableClient = service.get_table_client(self.runs_table)
+
+    def ensure_tables(self) -> None:
+        """Create the tables if missing (idempotent; run once per process at start)."""
+        for name in (self.routines_table, self.runs_table):
+            try:
+                self._service.create_table_if_not_exists(name)
+            except AzureError as exc:
+                raise _translate(exc, f"create table {name}") from exc
+
+    # --- plumbing ---------------------------------------------------------------------------
+    def _execute(self, table: TableClient, ops: list[codec.Op], what: str) -> list[str]:
+        """Run a write plan: one request, a transaction when it has several ops. On failure raises
+        Conflict / NotFound / PreconditionFailed with the failing op's index in ``args[1]``."""
+        try:
+            if len(ops) == 1:
+                return [self._single(table, *ops[0])]
+            results = table.submit_transaction([_transaction_op(*op) for op in ops])
+            return [str(r.get("etag", "")) for r in results]
+        except TableTransactionError as exc:
+            error = _translate(exc, what)
+            error.args = (error.args[0], exc.index)
+            raise error from exc
+        except AzureError as exc:
+            error = _translate(exc, what)
+            error.args = (error.args[0], 0)
+            raise error from exc
+
+    @staticmethod
+    def _single(table: TableClient, kind: str, row: dict[str, Any], etag: str | None) -> str:
+        cond: dict[str, Any] = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
+        if kind == "insert":
+            result = table.create_entity(row)
+        elif kind == "delete":
+            table.delete_entity(row["PartitionKey"], row["RowKey"], **cond)
+            return ""
+        elif kind == "upsert":
+            result = table.upsert_entity(row, mode=UpdateMode.REPLACE)
+        else:
+            mode = UpdateMode.MERGE if kind == "merge" else UpdateMode.REPLACE
+            if not etag:
+                cond = {"match_condition": MatchConditions.IfPresent}
+            result = table.update_entity(row, mode=mode, **cond)
+        return str(result.get("etag", ""))
+
+    def _get(self, table: TableClient, pk: str, rk: str, what: str) -> tuple[dict[str, Any], str] | None:
+        if not (_storable_key(pk) and _storable_key(rk)):
+            return None  # no such row can exist; the service would answer 400 or 500, not 404
+        try:
+            entity = table.get_entity(pk, rk)
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise _translate(exc, what) from exc
+        return dict(entity), str(entity.metadata["etag"])
+
+    def _query(
+        self, table: TableClient, query: str, params: dict[str, Any], limit: int | None = None
+    ) -> Iterator[tuple[dict[str, Any], str]]:
+        try:
+            pages = table.query_entities(query, parameters=params, results_per_page=min(limit or 1000, 1000))
+            for count, entity in enumerate(pages, start=1):
+                yield dict(entity), str(entity.metadata["etag"])
+                if limit is not None and count >= limit:
+                    return
+        except AzureError as exc:
+            raise _translate(exc, "query") from exc
+
+    def _page(
+        self,
+        table: TableClient,
+        query: str,
+        params: dict[str, Any],
+        limit: int,
+        convert: Callable[[dict[str, Any]], Any],
+    ) -> Page:
+        rows = [r for r, _ in self._query(table, query, params, limit + 1)]
+        if len(rows) > limit:
+            return Page(
+                [convert(r) for r in rows[:limit]], codec.encode_continuation(str(rows[limit - 1]["RowKey"]))
+            )
+        return Page([convert(r) for r in rows], None)
+
+    # --- routines ---------------------------------------------------------------------------
+    def create_routine(self, routine: Routine) -> str:
+        try:
+            return self._execute(self._routines, codec.create_routine_ops(routine), f"routine {routine.id}")[
+                0
+            ]
+        except Conflict:
+            raise Conflict(f"a routine named {routine.name!r} exists") from None
+
+    def get_routine(self, routine_id: str) -> tuple[Routine, str]:
+        found = self._get(
+            self._routines, codec.ROUTINE_PK, codec.routine_rk(routine_id), f"routine {routine_id}"
+        )
+        if not found:
+            raise NotFound(f"routine {routine_id!r} not found")
+        return codec.routine_from_row(found[0]), found[1]
+
+    def replace_routine(self, routine: Routine, etag: str, previous: Routine) -> str:
+        ops = codec.replace_routine_ops(routine, etag, previous)
+        try:
+            return self._execute(self._routines, ops, f"routine {routine.id}")[0]
+        except Conflict:
+            raise Conflict(f"a routine named {routine.name!r} exists") from None
+        except (NotFound, PreconditionFailed):
+            self.get_routine(routine.id)  # NotFound when it was deleted
+            raise PreconditionFailed(f"routine {routine.id!r} changed") from None
+
+    def delete_routine(self, routine_id: str) -> None:
+        while True:
+            routine, etag = self.get_routine(routine_id)
+            try:
+                self._execute(
+                    self._routines, codec.delete_routine_ops(routine, etag), f"routine {routine_id}"
+                )
+                return
+            except (NotFound, PreconditionFailed):
+                continue
+
+    def list_routines(self, state: str | None, limit: int, continuation: str | None) -> Page:
+        after = codec.decode_continuation(continuation, codec.ROUTINE_PREFIX)
+        query = "PartitionKey eq @pk and RowKey gt @after and RowKey lt @end"
+        params: dict[str, Any] = {
+            "pk": codec.ROUTINE_PK,
+            "after": after or codec.ROUTINE_PREFIX,
+            "end": "id;",
+        }
+        if state:
+            query += " and State eq @state"
+            params["state"] = state
+        return self._page(self._routines, query, params, limit, codec.routine_from_row)
+
+    # --- due index --------------------------------------------------------------------------
+    def due_entries(self, before: datetime) -> list[DueEntry]:
+        rows = self._query(
+            self._routines,
+            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+            {"pk": codec.ROUTINE_PK, "lo": codec.DUE_PREFIX, "hi": codec.due_bound(before)},
+        )
+        return [codec.due_entry_from_row(r, e) for r, e in rows]
+
+    def advance(self, advances: Sequence[Advance]) -> list[bool]:
+        """Batches up to 33 advances (3 rows each) per transaction, since they share a partition;
+        a batch that fails is replayed one advance at a time so one lost race costs only itself."""
+        results: list[bool] = []
+        for start in range(0, len(advances), 33):
+            chunk = advances[start : start + 33]
+            ops = [op for a in chunk for op in codec.advance_ops(a.entry, a.next_fire_at, a.completed)]
+            try:
+                self._execute(self._routines, ops, "advance")
+                results.extend([True] * len(chunk))
+                continue
+            except (Conflict, NotFound, PreconditionFailed):
+                if len(chunk) == 1:
+                    results.append(False)
+                    continue
+            for a in chunk:
+                try:
+                    self._execute(
+                        self._routines, codec.advance_ops(a.entry, a.next_fire_at, a.completed), "advance"
+                    )
+                    results.append(True)
+                except (Conflict, NotFound, PreconditionFailed):
+                    results.append(False)
+        return results
+
+    # --- runs -------------------------------------------------------------------------------
+    def _run_write(self, kind: str, run: Run, etag: str | None, slot: SlotWrite | None) -> str:
+        ops: list[codec.Op] = [(kind, codec.run_row(run), etag)]
+        if slot:
+            ops.append(codec.slot_op(run.routine_id, slot.holder, slot.buffered, slot.etag))
+        try:
+            return self._execute(self._runs, ops, f"run {run.id}")[0]
+        except (Conflict, NotFound, PreconditionFailed) as exc:
+            if len(exc.args) > 1 and exc.args[1] == 1:
+                raise SlotTaken(run.routine_id) from None
+            if kind == "insert":
+                raise Conflict(f"run {run.id!r} exists") from None
+            raise PreconditionFailed(f"run {run.id!r} changed") from None
+
+    def insert_run(self, run: Run, slot: SlotWrite | None = None) -> str:
+        return self._run_write("insert", run, None, slot)
+
+    def replace_run(self, run: Run, etag: str, slot: SlotWrite | None = None) -> str:
+        return self._run_write("replace", run, etag, slot)
+
+    def get_run(self, routine_id: str, run_id: str) -> tuple[Run, str]:
+        found = None
+        if run_id.startswith(codec.RUN_PREFIX):
+            found = self._get(self._runs, routine_id, run_id, f"run {run_id}")
+        if not found:
+            raise NotFound(f"run {run_id!r} of routine {routine_id!r} not found")
+        return codec.run_from_row(found[0]), found[1]
+
+    def list_runs(
+        self, routine_id: str, status: RunStatus | None, limit: int, continuation: str | None
+    ) -> Page:
+        after = codec.decode_continuation(continuation, codec.RUN_PREFIX)
+        query = "PartitionKey eq @pk and RowKey gt @after and RowKey lt @end"
+        params: dict[str, Any] = {"pk": routine_id, "after": after or codec.RUN_PREFIX, "end": codec.RUN_END}
+        if status is not None:
+            query += " and Status eq @status"
+            params["status"] = status.value
+        return self._page(self._runs, query, params, limit, codec.run_from_row)
+
+    def get_slot(self, routine_id: str) -> Slot | None:
+        found = self._get(self._runs, routine_id, codec.SLOT_RK, f"slot of {routine_id}")
+        if not found:
+            return None
+        return Slot(holder=found[0]["Holder"], buffered=found[0]["Buffered"] or None, etag=found[1])
+
+    def runs_scheduled_before(self, cutoff: datetime) -> Iterator[Run]:
+        rows = self._query(
+            self._runs,
+            "ScheduledFor lt @cutoff and RowKey ge @lo and RowKey lt @hi",
+            {"cutoff": codec.iso(cutoff), "lo": codec.RUN_PREFIX, "hi": codec.RUN_END},
+        )
+        return (codec.run_from_row(r) for r, _ in rows)
+
+    def delete_runs(self, runs: Sequence[Run]) -> int:
+        by_routine: dict[str, dict[str, None]] = defaultdict(dict)  # ordered, without duplicates
+        for run in runs:
+            by_routine[run.routine_id][run.id] = None
+        deleted = 0
+        for routine_id, run_ids in by_routine.items():
+            ids = list(run_ids)
+            for start in range(0, len(ids), 100):
+                # One transaction per 100 rows of a partition. TableClient.delete_entity swallows a
+                # 404, which would count a row that was already gone; a transaction reports it with
+                # its index, so it is dropped from the batch and the rest is tried again.
+                batch = ids[start : start + 100]
+                while batch:
+                    ops = [("delete", {"PartitionKey": routine_id, "RowKey": run_id}) for run_id in batch]
+                    try:
+                        self._runs.submit_transaction(ops)
+                    except TableTransactionError as exc:
+                        if exc.status_code != 404 or not 0 <= exc.index < len(batch):
+                            raise _translate(exc, f"delete runs of {routine_id}") from exc
+                        del batch[exc.index]
+                        continue
+                    except AzureError as exc:
+                        raise _translate(exc, f"delete runs of {routine_id}") from exc
+                    deleted += len(batch)
+                    break
+        return deleted
+
+    # --- coordination -----------------------------------------------------------------------
+    def try_lease(self, name: str, owner: str, now: datetime, until: datetime) -> bool:
+        found = self._get(self._routines, codec.ROUTINE_PK, codec.lease_rk(name), f"lease {name}")
+        if found and found[0]["Owner"] != owner and found[0]["Until"] > codec.iso(now):
+            return False
+        row = codec.lease_row(name, owner, until)
+        op: codec.Op = ("replace", row, found[1]) if found else ("insert", row, None)
+        try:
+            self._execute(self._routines, [op], f"lease {name}")
+            return True
+        except (Conflict, NotFound, PreconditionFailed):
+            return False
+
+    def ping(self) -> None:
+        try:
+            next(
+                iter(
+                    self._routines.query_entities(
+                        "PartitionKey eq @pk", parameters={"pk": "ping"}, results_per_page=1
+                    )
+                ),
+                None,
+            )
+        except AzureError as exc:
+            raise _translate(exc, "ping") from exc
+
+
+def _storable_key(key: str) -> bool:
+    """Whether Azure Tables can hold ``key`` as a PartitionKey / RowKey: at most 1 KiB, without
+    ``/ \\ # ?`` or control characters (ids come from URLs and queue messages, so anything arrives)."""
+    return len(key.encode("utf-16-le", "surrogatepass")) <= 1024 and not any(
+        c in "/\\#?" or ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in key
+    )
+
+
+def _transaction_op(kind: str, row: dict[str, Any], etag: str | None) -> tuple[Any, ...]:
+    cond: dict[str, Any] = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
+    if kind == "insert":
+        return ("create", row)
+    if kind == "delete":
+        return ("delete", row, cond)
+    if kind == "upsert":
+        return ("upsert", row, {"mode": UpdateMode.REPLACE})
+    mode = UpdateMode.MERGE if kind == "merge" else UpdateMode.REPLACE
+    return ("update", row, {"mode": mode, **cond})
