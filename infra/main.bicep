@@ -107,6 +107,10 @@ param runRetentionDays int = 30
 @description('ROUTINES_RUN_ARCHIVE_CONTAINER: blob container purged runs are archived to (created here when set); empty for none.')
 param runArchiveContainer string = ''
 
+@description('ROUTINES_LOG_FORMAT: text, or json for one JSON object per log line with trace ids.')
+@allowed(['text', 'json'])
+param logFormat string = 'text'
+
 // ---------------------------------------------------------------------------------------------
 // Foundry access (optional). With an account name, the identity gets "Azure AI User" on the
 // project (or the account when no project is named). Without one, grant it by hand: see
@@ -209,6 +213,10 @@ var routinesSettings = {
   ROUTINES_MIN_INTERVAL_SECONDS: string(minIntervalSeconds)
   ROUTINES_RUN_RETENTION_DAYS: string(runRetentionDays)
   ROUTINES_RUN_ARCHIVE_CONTAINER: runArchiveContainer
+  ROUTINES_LOG_FORMAT: logFormat
+  // Keep or drop whole traces (tick -> dispatch -> agent), not parts of them.
+  OTEL_TRACES_SAMPLER: 'microsoft.fixed_percentage'
+  OTEL_TRACES_SAMPLER_ARG: '1.0'
 }
 
 module api './app/function.bicep' = {

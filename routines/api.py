@@ -18,7 +18,14 @@ import pydantic
 
 from routines import scheduler, telemetry
 from routines.config import Settings
-from routines.errors import Conflict, NotFound, PreconditionFailed, RoutinesError, StorageUnavailable, ValidationError
+from routines.errors import (
+    Conflict,
+    NotFound,
+    PreconditionFailed,
+    RoutinesError,
+    StorageUnavailable,
+    ValidationError,
+)
 from routines.messages import DispatchMessage, DispatchQueue
 from routines.models import (
     MUTABLE_FIELDS,
@@ -72,7 +79,9 @@ class Response:
 
 
 class ApiError(RoutinesError):
-    def __init__(self, status: int, title: str, detail: str, errors: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, status: int, title: str, detail: str, errors: list[dict[str, Any]] | None = None
+    ) -> None:
         super().__init__(detail)
         self.status, self.title, self.detail, self.errors = status, title, detail, errors or []
 
@@ -148,8 +157,9 @@ class DispatchRequest(Model):
 
 
 class Api:
-    def __init__(self, store: Store, queue: DispatchQueue, settings: Settings,
-                 clock: Callable[[], datetime] = now_utc) -> None:
+    def __init__(
+        self, store: Store, queue: DispatchQueue, settings: Settings, clock: Callable[[], datetime] = now_utc
+    ) -> None:
         self.store, self.queue, self.settings, self.clock = store, queue, settings, clock
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -176,15 +186,20 @@ class Api:
     @staticmethod
     def _json_body(request: Request, *, optional: bool = False) -> Any:
         if len(request.body) > MAX_BODY_BYTES:
-            raise ApiError(413, "Payload too large", f"the body is {len(request.body)} bytes; at most "
-                           f"{MAX_BODY_BYTES} are accepted")
+            raise ApiError(
+                413,
+                "Payload too large",
+                f"the body is {len(request.body)} bytes; at most {MAX_BODY_BYTES} are accepted",
+            )
         if not request.body.strip():
             if optional:
                 return None
             raise ApiError(400, "Bad request", "a JSON body is required")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-            raise ApiError(415, "Unsupported media type", f"send JSON (Content-Type: application/json), not {ctype}")
+            raise ApiError(
+                415, "Unsupported media type", f"send JSON (Content-Type: application/json), not {ctype}"
+            )
         try:
             return json.loads(request.body, parse_constant=_not_json)
         except (ValueError, RecursionError) as exc:
@@ -195,12 +210,18 @@ class Api:
     @staticmethod
     def _object(value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise ApiError(422, "Invalid request", "the body must be a JSON object",
-                           [{"loc": ["body"], "msg": "must be a JSON object"}])
+            raise ApiError(
+                422,
+                "Invalid request",
+                "the body must be a JSON object",
+                [{"loc": ["body"], "msg": "must be a JSON object"}],
+            )
         return value
 
     @staticmethod
-    def _routine_response(routine: Routine, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    def _routine_response(
+        routine: Routine, status: int = 200, headers: dict[str, str] | None = None
+    ) -> Response:
         return Response(status, routine.public(), {"ETag": f'"{routine.version}"', **(headers or {})})
 
     @staticmethod
@@ -209,8 +230,12 @@ class Api:
         if raw is None or raw == "":
             return DEFAULT_LIMIT
         if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
-            raise ApiError(400, "Bad request", f"limit must be an integer from 1 to {MAX_LIMIT}",
-                           [{"loc": ["query", "limit"], "msg": f"must be an integer from 1 to {MAX_LIMIT}"}])
+            raise ApiError(
+                400,
+                "Bad request",
+                f"limit must be an integer from 1 to {MAX_LIMIT}",
+                [{"loc": ["query", "limit"], "msg": f"must be an integer from 1 to {MAX_LIMIT}"}],
+            )
         return int(raw)
 
     # --- routines ---------------------------------------------------------------------------
@@ -221,8 +246,15 @@ class Api:
             spec = RoutineCreate.model_validate(data, context=self._context(now))
         except pydantic.ValidationError as exc:
             raise _invalid(exc) from None
-        routine = Routine(**spec.model_dump(exclude={"state"}), id=new_routine_id(), state=spec.state,
-                          created_at=now, updated_at=now, version=1, schedule_version=1)
+        routine = Routine(
+            **spec.model_dump(exclude={"state"}),
+            id=new_routine_id(),
+            state=spec.state,
+            created_at=now,
+            updated_at=now,
+            version=1,
+            schedule_version=1,
+        )
         if routine.state is RoutineState.enabled:
             # Enqueued before the routine exists: if the create fails, the fires find no routine
             # and are dropped; if it succeeds, none is a tick late.
@@ -233,9 +265,15 @@ class Api:
     def list_routines(self, request: Request) -> Response:
         state = request.query.get("state") or None
         if state is not None and state not in RoutineState.__members__:
-            raise ApiError(400, "Bad request", "state must be enabled, disabled or completed",
-                           [{"loc": ["query", "state"], "msg": "must be enabled, disabled or completed"}])
-        page = self.store.list_routines(state, self._limit(request.query), request.query.get("continuation") or None)
+            raise ApiError(
+                400,
+                "Bad request",
+                "state must be enabled, disabled or completed",
+                [{"loc": ["query", "state"], "msg": "must be enabled, disabled or completed"}],
+            )
+        page = self.store.list_routines(
+            state, self._limit(request.query), request.query.get("continuation") or None
+        )
         return Response(200, {"items": [r.public() for r in page.items], "continuation": page.continuation})
 
     def get_routine(self, request: Request) -> Response:
@@ -246,16 +284,26 @@ class Api:
         self.store.delete_routine(request.route_params["id"])
         return Response(204)
 
-    def _update(self, routine_id: str, change: Callable[[Routine, datetime], Routine | None],
-                if_match: str | None = None) -> Routine:
+    def _update(
+        self,
+        routine_id: str,
+        change: Callable[[Routine, datetime], Routine | None],
+        if_match: str | None = None,
+    ) -> Routine:
         """Read, change, write conditionally; on a lost race read again. ``change`` returns None
         for "nothing to do"."""
         for _ in range(8):
             now = self.clock()
             current, etag = self.store.get_routine(routine_id)
-            if if_match is not None and if_match.strip() not in ("*", f'"{current.version}"',
-                                                                 f'W/"{current.version}"', str(current.version)):
-                raise PreconditionFailed(f"routine {routine_id} is at version {current.version}, not {if_match}")
+            if if_match is not None and if_match.strip() not in (
+                "*",
+                f'"{current.version}"',
+                f'W/"{current.version}"',
+                str(current.version),
+            ):
+                raise PreconditionFailed(
+                    f"routine {routine_id} is at version {current.version}, not {if_match}"
+                )
             updated = change(current, now)
             if updated is None:
                 return current
@@ -270,14 +318,20 @@ class Api:
         patch = self._object(self._json_body(request))
         unknown = [k for k in patch if k not in MUTABLE_FIELDS]
         if unknown:
-            raise ApiError(422, "Invalid request", f"{unknown[0]}: cannot be changed with PATCH",
-                           [{"loc": [k], "msg": "unknown or read-only field"} for k in unknown])
+            raise ApiError(
+                422,
+                "Invalid request",
+                f"{unknown[0]}: cannot be changed with PATCH",
+                [{"loc": [k], "msg": "unknown or read-only field"} for k in unknown],
+            )
 
         def change(current: Routine, now: datetime) -> Routine | None:
             merged = merge_patch(current.model_dump(mode="json", include=set(MUTABLE_FIELDS)), patch)
             old_trigger = current.trigger.model_dump(mode="json")
-            if isinstance(patch.get("trigger"), dict) and patch["trigger"].get("type", old_trigger["type"]) != \
-                    old_trigger["type"]:
+            if (
+                isinstance(patch.get("trigger"), dict)
+                and patch["trigger"].get("type", old_trigger["type"]) != old_trigger["type"]
+            ):
                 merged["trigger"] = patch["trigger"]  # a new kind of trigger replaces the old one whole
             trigger_changed = merged.get("trigger") != old_trigger
             context = self._context(now) if trigger_changed else {"min_interval_seconds": 0}
@@ -288,7 +342,9 @@ class Api:
             values = fields.model_dump()
             if all(values[k] == current.model_dump()[k] for k in values):
                 return None
-            updated = current.model_copy(update={**dict(fields), "version": current.version + 1, "updated_at": now})
+            updated = current.model_copy(
+                update={**dict(fields), "version": current.version + 1, "updated_at": now}
+            )
             if trigger_changed:
                 updated.schedule_version = updated.version
                 if updated.state is not RoutineState.disabled:
@@ -304,9 +360,16 @@ class Api:
             if current.state is not RoutineState.enabled:
                 return None
             version = current.version + 1
-            return current.model_copy(update={
-                "state": RoutineState.disabled, "next_fire_at": None, "due_at": None,
-                "version": version, "schedule_version": version, "updated_at": now})
+            return current.model_copy(
+                update={
+                    "state": RoutineState.disabled,
+                    "next_fire_at": None,
+                    "due_at": None,
+                    "version": version,
+                    "schedule_version": version,
+                    "updated_at": now,
+                }
+            )
 
         return self._routine_response(self._update(request.route_params["id"], change))
 
@@ -315,13 +378,25 @@ class Api:
             if current.state is RoutineState.enabled:
                 return None
             if current.state is RoutineState.completed:
-                raise ApiError(409, "Conflict", "this timer routine has fired and is completed; PATCH "
-                               "trigger.at to a future time to schedule it again")
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    "this timer routine has fired and is completed; PATCH "
+                    "trigger.at to a future time to schedule it again",
+                )
             if next_fire_after(current.trigger, now) is None:
-                raise ApiError(409, "Conflict", "the timer's time has passed; PATCH trigger.at to a future time")
+                raise ApiError(
+                    409, "Conflict", "the timer's time has passed; PATCH trigger.at to a future time"
+                )
             version = current.version + 1
-            enabled = current.model_copy(update={"state": RoutineState.enabled, "version": version,
-                                                 "schedule_version": version, "updated_at": now})
+            enabled = current.model_copy(
+                update={
+                    "state": RoutineState.enabled,
+                    "version": version,
+                    "schedule_version": version,
+                    "updated_at": now,
+                }
+            )
             return scheduler.schedule_immediately(enabled, self.queue, now)
 
         return self._routine_response(self._update(request.route_params["id"], change))
@@ -333,32 +408,51 @@ class Api:
         try:
             override = DispatchRequest.model_validate(body or {}).input
             if override is not None:
-                type(routine.actions[0]).model_validate({**routine.actions[0].model_dump(), "input": override})
+                type(routine.actions[0]).model_validate(
+                    {**routine.actions[0].model_dump(), "input": override}
+                )
         except pydantic.ValidationError as exc:
             raise _invalid(exc) from None
         now = self.clock()
         run_id = manual_run_id(now)
         run = Run(
-            id=run_id, routine_id=routine.id, trigger=RunTrigger.manual, scheduled_for=now,
-            status=RunStatus.queued, max_attempts=routine.retry_policy.max_attempts,
+            id=run_id,
+            routine_id=routine.id,
+            trigger=RunTrigger.manual,
+            scheduled_for=now,
+            status=RunStatus.queued,
+            max_attempts=routine.retry_policy.max_attempts,
             idempotency_key=f"{routine.id}:manual:{run_id}",
             progress=RunProgress(input_override=override, routine_version=routine.version),
         )
         self.store.insert_run(run)
-        self.queue.send(DispatchMessage(kind="fire", routine_id=routine.id, scheduled_for=now,
-                                        routine_version=routine.version, attempt=1, run_id=run_id,
-                                        traceparent=telemetry.current_traceparent()))
+        self.queue.send(
+            DispatchMessage(
+                kind="fire",
+                routine_id=routine.id,
+                scheduled_for=now,
+                routine_version=routine.version,
+                attempt=1,
+                run_id=run_id,
+                traceparent=telemetry.current_traceparent(),
+            )
+        )
         return Response(202, run.public(), {"Location": f"/api/routines/{routine.id}/runs/{run_id}"})
 
     def list_runs(self, request: Request) -> Response:
         routine_id = request.route_params["id"]
         raw = request.query.get("status") or None
         if raw is not None and raw not in RunStatus.__members__:
-            raise ApiError(400, "Bad request", f"status must be one of {', '.join(RunStatus.__members__)}",
-                           [{"loc": ["query", "status"], "msg": "unknown status"}])
+            raise ApiError(
+                400,
+                "Bad request",
+                f"status must be one of {', '.join(RunStatus.__members__)}",
+                [{"loc": ["query", "status"], "msg": "unknown status"}],
+            )
         status = RunStatus(raw) if raw else None
-        page = self.store.list_runs(routine_id, status, self._limit(request.query),
-                                    request.query.get("continuation") or None)
+        page = self.store.list_runs(
+            routine_id, status, self._limit(request.query), request.query.get("continuation") or None
+        )
         if not page.items and request.query.get("continuation") is None:
             self.store.get_routine(routine_id)  # 404 for an unknown routine; a deleted one keeps its runs
         return Response(200, {"items": [r.public() for r in page.items], "continuation": page.continuation})
@@ -372,8 +466,9 @@ class Api:
         data = self._object(self._json_body(request))
         now = self.clock()
         try:
-            spec = PreviewRequest.model_validate(data, context={"min_interval_seconds":
-                                                                self.settings.min_interval_seconds})
+            spec = PreviewRequest.model_validate(
+                data, context={"min_interval_seconds": self.settings.min_interval_seconds}
+            )
         except pydantic.ValidationError as exc:
             raise _invalid(exc) from None
         cursor = spec.after or now
@@ -405,4 +500,3 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
-

@@ -137,7 +137,8 @@ def _storage_target(env: Mapping[str, str], name: str) -> StorageTarget:
     if not (table and queue):
         raise SettingsError(
             f"storage connection {name!r} is not set: give a connection string in {name}, or "
-            f"{name}__accountName (or {name}__tableServiceUri and {name}__queueServiceUri) for a managed identity"
+            f"{name}__accountName (or {name}__tableServiceUri and {name}__queueServiceUri) "
+            "for a managed identity"
         )
     client_id = (env.get(f"{name}__clientId") or "").strip() or None
     return StorageTarget(table_endpoint=table, queue_endpoint=queue, blob_endpoint=blob, client_id=client_id)

@@ -14,7 +14,6 @@ from routines.models import Routine, RoutineCreate, Run, _RoutineFields
 _REF = "#/components/schemas/{model}"
 
 
-
 class _SchemaGenerator(GenerateJsonSchema):
     """``CompactModel``'s wrap serializer (it drops ``None`` fields) returns ``Any``, which pydantic
     documents as an empty schema ``{}``; document the model's fields instead."""
@@ -23,7 +22,8 @@ class _SchemaGenerator(GenerateJsonSchema):
         self,
         schema: core_schema.SerSchema | core_schema.IncExSeqSerSchema | core_schema.IncExDictSerSchema,
     ) -> JsonSchemaValue | None:
-        if schema.get("type") == "function-wrap" and schema.get("return_schema", {}).get("type") == "any":
+        returned: Any = schema.get("return_schema") or {}
+        if schema.get("type") == "function-wrap" and returned.get("type") == "any":
             return None
         return super().ser_schema(schema)
 
@@ -37,9 +37,14 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _page(name: str) -> dict[str, Any]:
-    return {"type": "object", "required": ["items", "continuation"], "properties": {
-        "items": {"type": "array", "items": _ref(name)},
-        "continuation": {"type": ["string", "null"]}}}
+    return {
+        "type": "object",
+        "required": ["items", "continuation"],
+        "properties": {
+            "items": {"type": "array", "items": _ref(name)},
+            "continuation": {"type": ["string", "null"]},
+        },
+    }
 
 
 _PROBLEM = {"description": "Problem", "content": {"application/problem+json": {"schema": _ref("Problem")}}}
@@ -49,8 +54,14 @@ _LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum
 _CONT = {"name": "continuation", "in": "query", "schema": {"type": "string"}}
 
 
-def _op(summary: str, ok: int, body: dict[str, Any] | None, errors: tuple[int, ...],
-        request: str | None = None, params: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+def _op(
+    summary: str,
+    ok: int,
+    body: dict[str, Any] | None,
+    errors: tuple[int, ...],
+    request: str | None = None,
+    params: tuple[dict[str, Any], ...] = (),
+) -> dict[str, Any]:
     responses: dict[str, Any] = {str(ok): {"description": summary, **(_json(body) if body else {})}}
     for status in errors:
         responses[str(status)] = _PROBLEM
@@ -76,14 +87,48 @@ def document() -> dict[str, Any]:
     patch_schema.pop("required", None)
     patch_schema["title"] = "RoutinePatch"
     components["RoutinePatch"] = patch_schema
-    components["Problem"] = {"type": "object", "required": ["title", "status"], "properties": {
-        "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
-        "detail": {"type": "string"}, "errors": {"type": "array", "items": {"type": "object", "properties": {
-            "loc": {"type": "array", "items": {"type": ["string", "integer"]}}, "msg": {"type": "string"}}}}}}
-    state = {"name": "state", "in": "query", "schema": {"type": "string", "enum": ["enabled", "disabled",
-                                                                                  "completed"]}}
-    status = {"name": "status", "in": "query", "schema": {"type": "string", "enum": [
-        "queued", "running", "retrying", "succeeded", "failed", "skipped", "missed", "cancelled"]}}
+    components["Problem"] = {
+        "type": "object",
+        "required": ["title", "status"],
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "errors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+                        "msg": {"type": "string"},
+                    },
+                },
+            },
+        },
+    }
+    state = {
+        "name": "state",
+        "in": "query",
+        "schema": {"type": "string", "enum": ["enabled", "disabled", "completed"]},
+    }
+    status = {
+        "name": "status",
+        "in": "query",
+        "schema": {
+            "type": "string",
+            "enum": [
+                "queued",
+                "running",
+                "retrying",
+                "succeeded",
+                "failed",
+                "skipped",
+                "missed",
+                "cancelled",
+            ],
+        },
+    }
     routine = _ref("Routine")
     paths = {
         "/api/routines": {
@@ -92,35 +137,74 @@ def document() -> dict[str, Any]:
         },
         "/api/routines/{id}": {
             "get": _op("Get a routine", 200, routine, (404,), params=(_ID,)),
-            "patch": _op("Change a routine (JSON merge patch)", 200, routine, (400, 404, 409, 412, 413, 415, 422),
-                         "RoutinePatch", (_ID, {"name": "If-Match", "in": "header", "schema": {"type": "string"}})),
-            "delete": {"summary": "Delete a routine", "parameters": [_ID],
-                       "responses": {"204": {"description": "Deleted"}, "404": _PROBLEM}},
+            "patch": _op(
+                "Change a routine (JSON merge patch)",
+                200,
+                routine,
+                (400, 404, 409, 412, 413, 415, 422),
+                "RoutinePatch",
+                (_ID, {"name": "If-Match", "in": "header", "schema": {"type": "string"}}),
+            ),
+            "delete": {
+                "summary": "Delete a routine",
+                "parameters": [_ID],
+                "responses": {"204": {"description": "Deleted"}, "404": _PROBLEM},
+            },
         },
         "/api/routines/{id}/enable": {"post": _op("Enable", 200, routine, (404, 409), params=(_ID,))},
         "/api/routines/{id}/disable": {"post": _op("Disable", 200, routine, (404,), params=(_ID,))},
-        "/api/routines/{id}/dispatch": {"post": _op("Run now", 202, _ref("Run"), (400, 404, 413, 415, 422),
-                                                    "DispatchRequest", (_ID,))},
-        "/api/routines/{id}/runs": {"get": _op("List runs, newest first", 200, _page("Run"), (400, 404),
-                                               params=(_ID, status, _LIMIT, _CONT))},
-        "/api/routines/{id}/runs/{run_id}": {"get": _op("Get a run", 200, _ref("Run"), (404,),
-                                                        params=(_ID, _RUN_ID))},
-        "/api/preview": {"post": _op("Preview the next fires of a trigger", 200, {
-            "type": "object", "required": ["fires"],
-            "properties": {"fires": {"type": "array", "items": {"type": "string", "format": "date-time"}}}},
-            (400, 413, 415, 422), "PreviewRequest")},
-        "/api/health": {"get": {"summary": "Storage health", "responses": {
-            "200": {"description": "ok", **_json({"type": "object"})},
-            "503": {"description": "storage unavailable", **_json({"type": "object"})}}}},
-        "/api/openapi.json": {"get": {"summary": "This document", "responses": {
-            "200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}}}},
+        "/api/routines/{id}/dispatch": {
+            "post": _op("Run now", 202, _ref("Run"), (400, 404, 413, 415, 422), "DispatchRequest", (_ID,))
+        },
+        "/api/routines/{id}/runs": {
+            "get": _op(
+                "List runs, newest first", 200, _page("Run"), (400, 404), params=(_ID, status, _LIMIT, _CONT)
+            )
+        },
+        "/api/routines/{id}/runs/{run_id}": {
+            "get": _op("Get a run", 200, _ref("Run"), (404,), params=(_ID, _RUN_ID))
+        },
+        "/api/preview": {
+            "post": _op(
+                "Preview the next fires of a trigger",
+                200,
+                {
+                    "type": "object",
+                    "required": ["fires"],
+                    "properties": {
+                        "fires": {"type": "array", "items": {"type": "string", "format": "date-time"}}
+                    },
+                },
+                (400, 413, 415, 422),
+                "PreviewRequest",
+            )
+        },
+        "/api/health": {
+            "get": {
+                "summary": "Storage health",
+                "responses": {
+                    "200": {"description": "ok", **_json({"type": "object"})},
+                    "503": {"description": "storage unavailable", **_json({"type": "object"})},
+                },
+            }
+        },
+        "/api/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}},
+            }
+        },
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Routines", "version": "1.0.0",
-                 "description": "Agent scheduler: cron and timer triggers bound to agent invocations."},
+        "info": {
+            "title": "Routines",
+            "version": "1.0.0",
+            "description": "Agent scheduler: cron and timer triggers bound to agent invocations.",
+        },
         "paths": paths,
-        "components": {"schemas": components,
-                       "securitySchemes": {"functionKey": {"type": "apiKey", "in": "header",
-                                                           "name": "x-functions-key"}}},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"functionKey": {"type": "apiKey", "in": "header", "name": "x-functions-key"}},
+        },
     }

@@ -24,6 +24,7 @@ class MemoryStore:
         self._routines: Table = {}
         self._runs: Table = {}
         self._etags = itertools.count(1)
+        self._leases: dict[tuple[str, str], str] = {}  # our own lease rows' etags
         self.requests = 0
 
     def _transact(self, table: Table, ops: list[codec.Op]) -> list[str]:
@@ -182,6 +183,14 @@ class MemoryStore:
 
     # --- coordination -----------------------------------------------------------------------
     def try_lease(self, name: str, owner: str, now: datetime, until: datetime) -> bool:
+        held = self._leases.get((name, owner))
+        if held:  # renewing our own lease: one conditional write, unless someone wrote it since
+            try:
+                row = codec.lease_row(name, owner, until)
+                self._leases[(name, owner)] = self._transact(self._routines, [("replace", row, held)])[0]
+                return True
+            except (Conflict, NotFound, PreconditionFailed):
+                self._leases.pop((name, owner), None)
         found = self._get(self._routines, codec.ROUTINE_PK, codec.lease_rk(name))
         if found and found[0]["Owner"] != owner and found[0]["Until"] > codec.iso(now):
             return False
@@ -191,7 +200,7 @@ class MemoryStore:
             else ("insert", codec.lease_row(name, owner, until), None)
         )
         try:
-            self._transact(self._routines, [op])
+            self._leases[(name, owner)] = self._transact(self._routines, [op])[0]
             return True
         except (Conflict, NotFound, PreconditionFailed):
             return False

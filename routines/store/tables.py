@@ -56,6 +56,7 @@ class TableStore:
         self.runs_table = f"{prefix}Runs"
         self._routines: TableClient = service.get_table_client(self.routines_table)
         self._runs: TableClient = service.get_table_client(self.runs_table)
+        self._leases: dict[tuple[str, str], str] = {}  # our own lease rows' etags
 
     def ensure_tables(self) -> None:
         """Create the tables if missing (idempotent; run once per process at start)."""
@@ -85,7 +86,9 @@ class TableStore:
 
     @staticmethod
     def _single(table: TableClient, kind: str, row: dict[str, Any], etag: str | None) -> str:
-        cond: dict[str, Any] = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
+        cond: dict[str, Any] = (
+            {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
+        )
         if kind == "insert":
             result = table.create_entity(row)
         elif kind == "delete":
@@ -305,13 +308,22 @@ class TableStore:
 
     # --- coordination -----------------------------------------------------------------------
     def try_lease(self, name: str, owner: str, now: datetime, until: datetime) -> bool:
+        row = codec.lease_row(name, owner, until)
+        held = self._leases.get((name, owner))
+        if held:  # renewing our own lease: one conditional write, unless someone wrote it since
+            try:
+                self._leases[(name, owner)] = self._execute(
+                    self._routines, [("replace", row, held)], "lease"
+                )[0]
+                return True
+            except (Conflict, NotFound, PreconditionFailed):
+                self._leases.pop((name, owner), None)
         found = self._get(self._routines, codec.ROUTINE_PK, codec.lease_rk(name), f"lease {name}")
         if found and found[0]["Owner"] != owner and found[0]["Until"] > codec.iso(now):
             return False
-        row = codec.lease_row(name, owner, until)
         op: codec.Op = ("replace", row, found[1]) if found else ("insert", row, None)
         try:
-            self._execute(self._routines, [op], f"lease {name}")
+            self._leases[(name, owner)] = self._execute(self._routines, [op], f"lease {name}")[0]
             return True
         except (Conflict, NotFound, PreconditionFailed):
             return False

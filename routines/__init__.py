@@ -1,0 +1,1 @@
+"""Routines: an agent scheduler on Azure Functions and Azure Storage."""
