@@ -1,0 +1,30 @@
+# The two commands of the README: `make run` (run locally) and `make test` (run the whole suite).
+# Needs Python 3.11+ and Node 20+; installs everything else into .venv and node_modules.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install run test lint bench
+
+install: $(VENV)/.installed node_modules/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: install
+	@test -f local.settings.json || cp local.settings.sample.json local.settings.json
+	$(PY) -m routines.localrun
+
+# Azurite is started on free ports by the test session itself (tests/conftest.py) and stopped after.
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy routines

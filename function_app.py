@@ -1,0 +1,124 @@
+"""Azure Functions entry points (v2 model). Thin: decode, call one function of ``routines``, answer.
+
+All logic lives in the ``routines`` package (SPEC section 1). The devhost runs these same triggers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+
+import azure.functions as func
+
+from routines import openapi, telemetry
+from routines.api import Api, Request, Response
+from routines.dispatcher import PoisonMessage
+from routines.models import now_utc
+from routines.purge import purge
+from routines.runtime import get_runtime
+from routines.scheduler import tick as run_tick
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+log = logging.getLogger("routines.functions")
+# The queue binding needs the connection's *name* at indexing time; SPEC 8 lets it be renamed.
+STORAGE_CONNECTION = os.environ.get("ROUTINES_STORAGE_CONNECTION", "AzureWebJobsStorage")
+# `%ROUTINES_QUEUE_NAME%` must resolve; the Bicep always sets it, and this default serves local hosts.
+os.environ.setdefault("ROUTINES_QUEUE_NAME", "routine-dispatch")
+
+
+def _serve(
+    handler: Callable[[Api], Callable[[Request], Response]], req: func.HttpRequest
+) -> func.HttpResponse:
+    api = get_runtime().api
+    request = Request(
+        method=req.method,
+        route_params=dict(req.route_params),
+        query=dict(req.params),
+        headers={k.lower(): v for k, v in req.headers.items()},
+        body=req.get_body() or b"",
+    )
+    response = api.handle(handler(api), request)
+    headers = {k: v for k, v in response.headers.items() if k != "Content-Type"}
+    return func.HttpResponse(
+        response.encoded() if response.body is not None else None,
+        status_code=response.status,
+        headers=headers,
+        mimetype=response.content_type if response.body is not None else None,
+    )
+
+
+@app.route(route="routines", methods=["GET", "POST"])
+def routines_collection(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve(lambda api: api.create_routine if req.method == "POST" else api.list_routines, req)
+
+
+@app.route(route="routines/{id}", methods=["GET", "PATCH", "DELETE"])
+def routine_item(req: func.HttpRequest) -> func.HttpResponse:
+    handlers = {"GET": "get_routine", "PATCH": "patch_routine", "DELETE": "delete_routine"}
+    return _serve(lambda api: getattr(api, handlers[req.method]), req)
+
+
+@app.route(route="routines/{id}/enable", methods=["POST"])
+def routine_enable(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve(lambda api: api.enable_routine, req)
+
+
+@app.route(route="routines/{id}/disable", methods=["POST"])
+def routine_disable(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve(lambda api: api.disable_routine, req)
+
+
+@app.route(route="routines/{id}/dispatch", methods=["POST"])
+def routine_dispatch(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve(lambda api: api.dispatch_routine, req)
+
+
+@app.route(route="routines/{id}/runs", methods=["GET"])
+def routine_runs(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve(lambda api: api.list_runs, req)
+
+
+@app.route(route="routines/{id}/runs/{run_id}", methods=["GET"])
+def routine_run(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve(lambda api: api.get_run, req)
+
+
+@app.route(route="preview", methods=["POST"])
+def preview(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve(lambda api: api.preview, req)
+
+
+@app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def health(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve(lambda api: api.health, req)
+
+
+@app.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def openapi_document(req: func.HttpRequest) -> func.HttpResponse:
+    return func.HttpResponse(json.dumps(openapi.document()), mimetype="application/json")
+
+
+@app.timer_trigger(schedule="0 * * * * *", arg_name="timer", run_on_startup=False, use_monitor=False)
+def tick(timer: func.TimerRequest) -> None:
+    runtime = get_runtime()
+    run_tick(runtime.store, runtime.queue, now_utc())
+
+
+@app.queue_trigger(arg_name="msg", queue_name="%ROUTINES_QUEUE_NAME%", connection=STORAGE_CONNECTION)
+def dispatch(msg: func.QueueMessage) -> None:
+    runtime = get_runtime()
+    try:
+        runtime.dispatcher.handle(msg.get_body())
+    except PoisonMessage as exc:
+        # Guarantee 7: straight to the poison queue, with a log line; the worker carries on.
+        log.error("moving message %s to %s: %s", msg.id, runtime.settings.poison_queue_name, exc)
+        telemetry.record_poison()
+        runtime.queue.poison(msg.get_body().decode(errors="replace"))
+
+
+@app.timer_trigger(schedule="0 30 3 * * *", arg_name="timer", run_on_startup=False, use_monitor=False)
+def purge_runs(timer: func.TimerRequest) -> None:
+    runtime = get_runtime()
+    purge(runtime.store, runtime.settings, now_utc())
