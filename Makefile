@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test lint bench
+.PHONY: install run test lint bench bench-install bench-quick
 
 install: $(VENV)/.installed node_modules/.installed
 
@@ -25,6 +25,16 @@ run: install
 # Azurite is started on free ports by the test session itself (tests/conftest.py) and stopped after.
 test: install
 	$(PY) -m pytest
+
+# Benchmarks (docs/benchmarks.md): each script also runs alone, e.g. .venv/bin/python bench/on_time.py
+bench-install: install
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+
+bench: bench-install
+	$(PY) bench/run_all.py
+
+bench-quick: bench-install
+	$(PY) bench/run_all.py --quick
 
 lint: install
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy routines

@@ -60,6 +60,9 @@ MAX_REQUEST_BODY = 100 * 1024 * 1024  # the Functions host's request size limit
 PAST_DUE_AFTER = timedelta(seconds=1)
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+# Any other method token (QUERY, PROPFIND, ...) is routed too, so it gets 405 or 404 rather than the
+# http.server default of 501.
+_METHOD_TOKEN = re.compile(r"^[A-Z][A-Z0-9-]{0,31}$")
 QUEUE_NAME_RE = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]$")
 
 
@@ -549,6 +552,7 @@ class _HttpServer(ThreadingHTTPServer):
 
 class _RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: don't wait ~40 ms for an ACK
     server: _HttpServer
     timeout = 30  # idle keep-alive connections are closed after this many seconds
 
@@ -667,7 +671,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def __getattr__(self, name: str) -> Any:
         # BaseHTTPRequestHandler dispatches on do_<METHOD>; serve every known method the same way.
-        if name.startswith("do_") and name[3:] in HTTP_METHODS:
+        if name.startswith("do_") and (name[3:] in HTTP_METHODS or _METHOD_TOKEN.match(name[3:])):
             return self._handle
         raise AttributeError(name)
 

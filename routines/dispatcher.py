@@ -21,7 +21,7 @@ from typing import Literal
 
 from routines import retry, schedule, telemetry
 from routines.agents.base import AgentBackend, AgentCall, AgentError, AgentOutcome
-from routines.errors import Conflict, NotFound, PreconditionFailed
+from routines.errors import Conflict, NotFound, PreconditionFailed, StorageUnavailable
 from routines.messages import DispatchMessage, DispatchQueue, delay_until
 from routines.models import (
     OUTPUT_LIMIT_BYTES,
@@ -43,8 +43,11 @@ from routines.store import SlotTaken, SlotWrite, Store
 log = logging.getLogger(__name__)
 
 LEASE_MARGIN = timedelta(seconds=30)
-MAX_EARLY_WAIT = 2.0  # a message may surface up to a second early (whole-second visibility delays)
+MAX_EARLY_WAIT = 2.5  # fires surface 1-2 s early (scheduler.fire_delay, whole-second visibility delays)
 MIN_POLL_SECONDS = 1.0  # visibility delays are whole seconds: anything shorter would poll in a tight loop
+MAX_POLL_SECONDS = 30.0
+POLL_BACKOFF = 0.25  # poll again after a quarter of the time the run has taken so far (guarantee 6)
+FINISH_RETRY_PAUSES = (0.2, 0.5, 1.0)  # a lost final write would hold the run until its lease ends
 ABANDONED_AFTER = timedelta(minutes=10)  # a non-terminal run untouched this long no longer blocks others
 
 
@@ -106,7 +109,7 @@ class Dispatcher:
             return
         manual = is_manual_run(message.run_id)
         if not manual and message.kind == "fire" and self._stale(routine, message):
-            log.info("dropping stale fire %s of routine %s", message.scheduled_for, routine.id)
+            self._stale_fire(routine, message)
             return
         now = self.clock()
         if message.kind == "fire" and not manual:
@@ -136,6 +139,22 @@ class Dispatcher:
         except schedule.ScheduleError:
             return True
         return expected != message.scheduled_for
+
+    def _stale_fire(self, routine: Routine, message: DispatchMessage) -> None:
+        """A stale fire does not start (guarantee 4), but its run may exist already and must still
+        end: one waiting for the overlap slot (buffered, or handed the slot) is cancelled, which
+        releases the slot; one already started goes on like any other (a crashed worker's attempt is
+        taken over after its lease, its retries and polls carry on)."""
+        try:
+            run, etag = self.store.get_run(routine.id, message.run_id)
+        except NotFound:
+            log.info("dropping stale fire %s of routine %s", message.scheduled_for, routine.id)
+            return
+        if run.status is RunStatus.queued:
+            reason = "the routine was disabled or rescheduled before this fire could start"
+            self._finish(routine, run, etag, RunStatus.cancelled, f"cancelled: {reason}")
+        elif not run.status.terminal:
+            self._existing(routine, message)
 
     def _wait_until(self, when: datetime) -> None:
         early = (when - self.clock()).total_seconds()
@@ -413,7 +432,17 @@ class Dispatcher:
         except PreconditionFailed:
             log.warning("run %s changed while its agent started; leaving it to the other worker", run.id)
             return
-        self.queue.send(self._message(pending, "poll"), max(MIN_POLL_SECONDS, outcome.poll_after))
+        self.queue.send(self._message(pending, "poll"), self._poll_delay(pending, outcome))
+
+    def _poll_delay(self, run: Run, outcome: AgentOutcome) -> float:
+        """Back off as the run goes on, so the number of polls grows with the log of its duration,
+        not linearly; never less than the agent's own hint, never much past the deadline."""
+        now = self.clock()
+        elapsed = (now - (run.progress.attempt_started_at or now)).total_seconds()
+        delay = max(MIN_POLL_SECONDS, outcome.poll_after, min(MAX_POLL_SECONDS, elapsed * POLL_BACKOFF))
+        if run.progress.poll_deadline:
+            delay = min(delay, max(MIN_POLL_SECONDS, (run.progress.poll_deadline - now).total_seconds() + 1))
+        return delay
 
     def _poll(self, message: DispatchMessage) -> None:
         try:
@@ -447,7 +476,7 @@ class Dispatcher:
             self._failed_attempt(routine, run, etag, index, exc)
             return
         if not outcome.done:
-            self.queue.send(message, max(MIN_POLL_SECONDS, outcome.poll_after))
+            self.queue.send(message, self._poll_delay(run, outcome))
             return
         run = self._action_done(routine, run, index, outcome)
         if run.progress.action_index >= len(routine.actions):
@@ -519,7 +548,7 @@ class Dispatcher:
                 buffered = slot.buffered
                 slot_write = SlotWrite(holder=buffered, buffered=None, etag=slot.etag)
         try:
-            self.store.replace_run(final, etag, slot_write)
+            self._write_final(final, etag, slot_write)
         except PreconditionFailed:
             log.warning("run %s changed before it could be finished; leaving it", run.id)
             return
@@ -534,6 +563,24 @@ class Dispatcher:
         log.info("run %s of routine %s: %s", run.id, run.routine_id, status.value, extra=fields)
         if buffered:
             self._release_buffered(run.routine_id, buffered)
+
+    def _write_final(self, final: Run, etag: str, slot_write: SlotWrite | None) -> None:
+        """The outcome write, retried through a short storage blip (it is etag-conditional, so a retry
+        is safe): failing here would leave the run leased and its agent started again after the lease.
+        A retry that finds the etag moved checks whether the earlier try landed after all."""
+        for pause in (*FINISH_RETRY_PAUSES, None):
+            try:
+                self.store.replace_run(final, etag, slot_write)
+                return
+            except StorageUnavailable:
+                if pause is None:
+                    raise
+                self.sleep(pause)
+            except PreconditionFailed:
+                current, _ = self.store.get_run(final.routine_id, final.id)
+                if current.status is final.status and current.ended_at == final.ended_at:
+                    return  # our earlier try was written; only its answer was lost
+                raise
 
     def _release_buffered(self, routine_id: str, run_id: str) -> None:
         try:

@@ -8,7 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import requests
+import requests.adapters
 from azure.core.exceptions import AzureError, ResourceExistsError
+from azure.core.pipeline.transport import RequestsTransport
 from azure.data.tables import TableServiceClient
 from azure.storage.queue import QueueClient, TextBase64EncodePolicy
 
@@ -67,11 +70,24 @@ def _credential(settings: Settings) -> Any:
     )
 
 
+def _session() -> requests.Session:
+    """One connection pool sized for the host's concurrency (batch 16 + 8 more in flight), shared by
+    the table and queue clients; requests' default of 10 would drop and reopen connections."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=32)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
 def storage_clients(
     settings: Settings, hook: Callable[[Any], None] | None = None
 ) -> tuple[TableServiceClient, AzureQueue]:
     """Table service and dispatch queue clients; ``hook`` sees every HTTP request (request counting)."""
-    extra: dict[str, Any] = {**_RETRIES}
+    extra: dict[str, Any] = {
+        **_RETRIES,
+        "transport": RequestsTransport(session=_session(), session_owner=False),
+    }
     if hook:
         extra["raw_request_hook"] = hook
     target = settings.storage

@@ -39,12 +39,20 @@ from routines.store import Advance, DueEntry, Store
 log = logging.getLogger(__name__)
 
 LOOKAHEAD_MARGIN = timedelta(seconds=10)
+EARLY_SURFACE_SECONDS = 1.0
 TICK_LEASE = timedelta(seconds=50)
 MAX_FIRES_PER_PLAN = 200
 SEND_THREADS = 16
 _ONE_SECOND = timedelta(seconds=1)
 _TRIGGER = TypeAdapter(Trigger)
 OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def fire_delay(fire: datetime, now: datetime) -> float:
+    """The queue visibility delay of a fire: it surfaces a little ahead of its time, so a worker
+    polling at ``maxPollingInterval`` has it in hand when the time comes; the dispatcher waits out
+    the rest before calling the agent (``dispatcher.MAX_EARLY_WAIT``)."""
+    return max(0.0, (fire - now).total_seconds() - EARLY_SURFACE_SECONDS)
 
 
 def horizon(now: datetime) -> datetime:
@@ -220,7 +228,7 @@ def _schedule_entries(
                 pass  # recorded by an earlier tick that did not get to advance
         for fire in plan.fires:
             message = fire_message(entry.routine_id, fire, entry.schedule_version, trigger.type, entry.name)
-            sends.append((message, (fire - now).total_seconds()))
+            sends.append((message, fire_delay(fire, now)))
             report.fires.append(message)
         advances.append(Advance(entry, plan.next_fire_at, plan.completed))
     send_all(queue, sends)
@@ -248,7 +256,7 @@ def schedule_immediately(routine: Routine, queue: DispatchQueue, now: datetime) 
         [
             (
                 fire_message(routine.id, fire, routine.schedule_version, routine.trigger.type, routine.name),
-                (fire - now).total_seconds(),
+                fire_delay(fire, now),
             )
             for fire in plan.fires
         ],

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import pytest
 from azure.data.tables import TableServiceClient
 
-from routines import openapi
+from routines import openapi, scheduler
 from routines.api import MAX_BODY_BYTES, Api, Request, Response
 from routines.config import Settings, StorageTarget
 from routines.errors import StorageUnavailable
@@ -342,7 +342,9 @@ def test_create_with_a_fire_before_the_next_tick_enqueues_it_at_once(client: Cli
     body = client.create(trigger=cron("* * * * *"))
     rid = body["id"]
     fire = datetime(2026, 3, 1, 12, 1, tzinfo=UTC)
-    assert sent(client) == [(30.0, rid, "2026-03-01T12:01:00Z", 1, scheduled_run_id(rid, fire))]
+    assert sent(client) == [
+        (30.0 - scheduler.EARLY_SURFACE_SECONDS, rid, "2026-03-01T12:01:00Z", 1, scheduled_run_id(rid, fire))
+    ]
     assert client.queue.sent[0][1].kind == "fire"
     assert body["next_fire_at"] == "2026-03-01T12:02:00Z"  # the enqueued one is no longer ahead
 
@@ -351,15 +353,17 @@ def test_create_second_schedule_enqueues_every_fire_before_the_horizon(client: C
     client = make_client(MemoryStore(), min_interval_seconds=1)
     body = client.create(trigger=cron("*/20 * * * * *"))
     assert [(d, f) for d, _, f, _, _ in sent(client)] == [
-        (10.0, "2026-03-01T12:00:40Z"),
-        (30.0, "2026-03-01T12:01:00Z"),
+        (10.0 - scheduler.EARLY_SURFACE_SECONDS, "2026-03-01T12:00:40Z"),
+        (30.0 - scheduler.EARLY_SURFACE_SECONDS, "2026-03-01T12:01:00Z"),
     ]
     assert body["next_fire_at"] == "2026-03-01T12:01:20Z"
 
 
 def test_create_timer_due_before_the_next_tick_is_enqueued_and_still_shown(client: Client) -> None:
     body = client.create(trigger=timer("2026-03-01T12:00:50Z"))
-    assert [(d, f) for d, _, f, _, _ in sent(client)] == [(20.0, "2026-03-01T12:00:50Z")]
+    assert [(d, f) for d, _, f, _, _ in sent(client)] == [
+        (20.0 - scheduler.EARLY_SURFACE_SECONDS, "2026-03-01T12:00:50Z")
+    ]
     assert body["next_fire_at"] == "2026-03-01T12:00:50Z"
     assert client.store.due_entries(NOW + timedelta(days=1)) == []  # nothing left for the tick
 
@@ -395,7 +399,13 @@ def test_patch_of_the_trigger_enqueues_a_near_fire_with_the_new_version(client: 
     assert client.queue.sent == []
     body = client.patch(f"/api/routines/{rid}", {"trigger": {"cron_expression": "* * * * *"}}).body
     assert sent(client) == [
-        (30.0, rid, "2026-03-01T12:01:00Z", 2, scheduled_run_id(rid, datetime(2026, 3, 1, 12, 1, tzinfo=UTC)))
+        (
+            30.0 - scheduler.EARLY_SURFACE_SECONDS,
+            rid,
+            "2026-03-01T12:01:00Z",
+            2,
+            scheduled_run_id(rid, datetime(2026, 3, 1, 12, 1, tzinfo=UTC)),
+        )
     ]
     assert body["next_fire_at"] == "2026-03-01T12:02:00Z"
 
@@ -405,7 +415,9 @@ def test_enable_enqueues_a_near_fire(client: Client) -> None:
     assert client.queue.sent == []
     client.clock.advance(seconds=15)
     client.post(f"/api/routines/{rid}/enable")
-    assert [(d, f, v) for d, _, f, v, _ in sent(client)] == [(15.0, "2026-03-01T12:01:00Z", 2)]
+    assert [(d, f, v) for d, _, f, v, _ in sent(client)] == [
+        (15.0 - scheduler.EARLY_SURFACE_SECONDS, "2026-03-01T12:01:00Z", 2)
+    ]
 
 
 # --- list -------------------------------------------------------------------------------------------

@@ -369,7 +369,7 @@ def test_tick_fires_a_due_timer_once_and_the_dispatch_completes_the_routine() ->
     driver = Driver(store, NOW)
     report = driver.tick()
     assert [(m.scheduled_for, m.kind, m.attempt) for m in report.fires] == [(fire, "fire", 1)]
-    assert driver.queue.sent[0][0] == 30.0
+    assert driver.queue.sent[0][0] == 30.0 - scheduler.EARLY_SURFACE_SECONDS
     routine, _ = store.get_routine("rt_0000000000000002")
     assert (routine.state, routine.next_fire_at, routine.due_at) == (RoutineState.enabled, fire, None)
     assert driver.tick().enqueued == 0
@@ -441,8 +441,10 @@ def test_schedule_immediately_enqueues_fires_before_the_horizon_with_their_dista
     scheduled = scheduler.schedule_immediately(routine, queue, now)
     fires = seconds("2026-11-30T06:00:25Z", "2026-11-30T06:01:05Z", 5)
     assert [m.scheduled_for for _, m in queue.sent] == fires
-    assert [d for d, _ in queue.sent] == [pytest.approx((f - now).total_seconds()) for f in fires]
-    assert queue.sent[0][0] == pytest.approx(4.7)
+    assert [d for d, _ in queue.sent] == [
+        pytest.approx((f - now).total_seconds() - scheduler.EARLY_SURFACE_SECONDS) for f in fires
+    ]
+    assert queue.sent[0][0] == pytest.approx(4.7 - scheduler.EARLY_SURFACE_SECONDS)
     assert {(m.kind, m.attempt, m.routine_version) for _, m in queue.sent} == {("fire", 1, 1)}
     assert [m.run_id for _, m in queue.sent] == [scheduled_run_id(routine.id, f) for f in fires]
     assert scheduled.next_fire_at == scheduled.due_at == at("2026-11-30T06:01:10Z")

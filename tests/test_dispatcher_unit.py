@@ -1,0 +1,159 @@
+"""Dispatcher behaviours checked in memory with a fake clock: poll back-off, the outcome write
+surviving a storage blip."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from routines import dispatcher as dispatcher_module
+from routines.agents.base import AgentCall, AgentOutcome
+from routines.dispatcher import Dispatcher
+from routines.errors import StorageUnavailable
+from routines.messages import DispatchMessage, MemoryQueue
+from routines.models import (
+    InvocationAction,
+    OverlapPolicy,
+    Routine,
+    RoutineState,
+    Run,
+    RunStatus,
+    ScheduleTrigger,
+    scheduled_run_id,
+)
+from routines.store import SlotWrite
+from routines.store.memory import MemoryStore
+
+FIRE = datetime(2026, 11, 30, 6, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class SlowAgent:
+    """Pending until ``duration`` seconds after its start; counts the calls it gets."""
+
+    def __init__(self, clock: Clock, duration: float) -> None:
+        self.clock, self.duration = clock, duration
+        self.starts = self.polls = 0
+        self.started: datetime | None = None
+
+    def start(self, call: AgentCall) -> AgentOutcome:
+        self.starts += 1
+        self.started = self.clock()
+        return AgentOutcome(done=False, handle={"run": "r1"}, poll_after=1.0)
+
+    def poll(self, call: AgentCall, handle: dict[str, Any]) -> AgentOutcome:
+        self.polls += 1
+        assert self.started is not None
+        if (self.clock() - self.started).total_seconds() >= self.duration:
+            return AgentOutcome(done=True, output="done")
+        return AgentOutcome(done=False, handle=handle, poll_after=1.0)
+
+    def cancel(self, call: AgentCall, handle: dict[str, Any]) -> None:
+        return None
+
+
+def make_routine(
+    store: MemoryStore, timeout: int = 3600, overlap: OverlapPolicy = OverlapPolicy.allow_all
+) -> Routine:
+    routine = Routine(
+        id="rt_00000000000000aa",
+        name="slow",
+        state=RoutineState.enabled,
+        version=1,
+        trigger=ScheduleTrigger(type="schedule", cron_expression="0 6 * * *"),
+        actions=[InvocationAction(type="invocation", agent_id="a", input="x")],
+        overlap_policy=overlap,
+        timeout_seconds=timeout,
+        created_at=FIRE,
+        updated_at=FIRE,
+    )
+    store.create_routine(routine)
+    return routine
+
+
+def run_to_end(dispatcher: Dispatcher, queue: MemoryQueue, clock: Clock, limit: int = 500) -> int:
+    """Deliver messages in due order (moving the clock); returns how many handler calls it took."""
+    calls = 0
+    pending = [(clock() + timedelta(seconds=d), m) for d, m in queue.take_all()]
+    while pending and calls < limit:
+        pending.sort(key=lambda item: item[0])
+        due, message = pending.pop(0)
+        clock.now = max(clock.now, due)
+        dispatcher.handle(message.encode())
+        calls += 1
+        pending += [(clock() + timedelta(seconds=d), m) for d, m in queue.take_all()]
+    return calls
+
+
+def fire_message(routine: Routine) -> DispatchMessage:
+    return DispatchMessage(
+        kind="fire",
+        routine_id=routine.id,
+        scheduled_for=FIRE,
+        routine_version=1,
+        run_id=scheduled_run_id(routine.id, FIRE),
+    )
+
+
+def handler_calls_for(duration: float) -> int:
+    store, queue, clock = MemoryStore(), MemoryQueue(), Clock(FIRE)
+    routine = make_routine(store)
+    agent = SlowAgent(clock, duration)
+    dispatcher = Dispatcher(store, queue, agent, clock=clock, sleep=clock.sleep)
+    queue.send(fire_message(routine))
+    calls = run_to_end(dispatcher, queue, clock)
+    run, _ = store.get_run(routine.id, scheduled_run_id(routine.id, FIRE))
+    assert run.status is RunStatus.succeeded and agent.starts == 1
+    finished_late = (run.ended_at - FIRE).total_seconds() - duration if run.ended_at else None
+    assert (
+        finished_late is not None and finished_late <= max(1.0, duration * dispatcher_module.POLL_BACKOFF) + 1
+    )
+    return calls
+
+
+def test_polls_back_off_so_handler_calls_grow_with_the_log_of_the_agent_run() -> None:
+    short, minute, ten_minutes = handler_calls_for(1), handler_calls_for(60), handler_calls_for(600)
+    assert short <= 3
+    assert minute <= 20, minute  # one poll a second would be ~60
+    # Geometric until the 30 s cap (MAX_POLL_SECONDS), then one poll per cap: ~600 with fixed polling.
+    assert ten_minutes <= minute + 600 / dispatcher_module.MAX_POLL_SECONDS + 2, (minute, ten_minutes)
+
+
+class BlipStore(MemoryStore):
+    """Storage fails the first outcome write (a terminal ``replace_run``), once."""
+
+    def __init__(self, answer_lost: bool) -> None:
+        super().__init__()
+        self.blips, self.answer_lost = 0, answer_lost
+
+    def replace_run(self, run: Run, etag: str, slot: SlotWrite | None = None) -> str:
+        if run.status.terminal and self.blips == 0:
+            self.blips += 1
+            if self.answer_lost:  # written, but the reply never came back
+                super().replace_run(run, etag, slot)
+            raise StorageUnavailable("connection reset")
+        return super().replace_run(run, etag, slot)
+
+
+def test_the_outcome_write_is_retried_through_a_storage_blip() -> None:
+    for answer_lost in (False, True):
+        store, queue, clock = BlipStore(answer_lost), MemoryQueue(), Clock(FIRE)
+        routine = make_routine(store, overlap=OverlapPolicy.skip)
+        agent = SlowAgent(clock, 0)
+        agent.start = lambda call: AgentOutcome(done=True, output="at once")  # type: ignore[method-assign]
+        Dispatcher(store, queue, agent, clock=clock, sleep=clock.sleep).handle(fire_message(routine).encode())
+        run, _ = store.get_run(routine.id, scheduled_run_id(routine.id, FIRE))
+        assert store.blips == 1
+        assert run.status is RunStatus.succeeded, answer_lost
+        assert store.get_slot(routine.id) is None  # released with the outcome
+        assert queue.take_all() == []  # nothing re-queued to wait out a lease
