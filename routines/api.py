@@ -39,9 +39,11 @@ from routines.models import (
     RunTrigger,
     Trigger,
     _RoutineFields,
+    json_integers,
     manual_run_id,
     new_routine_id,
     now_utc,
+    rfc3339_input,
     utc_text,
 )
 from routines.schedule import next_fire_after
@@ -140,6 +142,13 @@ class PreviewRequest(Model):
     trigger: Trigger
     after: datetime | None = None
     count: int = pydantic.Field(default=10, ge=1, le=100)
+
+    _integers = pydantic.field_validator("count", mode="before")(json_integers)
+
+    @pydantic.field_validator("after", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: Any) -> Any:
+        return None if value is None else rfc3339_input(value)
 
     @pydantic.field_validator("after")
     @classmethod
@@ -284,26 +293,22 @@ class Api:
         self.store.delete_routine(request.route_params["id"])
         return Response(204)
 
-    def _update(
-        self,
-        routine_id: str,
-        change: Callable[[Routine, datetime], Routine | None],
-        if_match: str | None = None,
-    ) -> Routine:
+    @staticmethod
+    def _check_if_match(current: Routine, if_match: str | None) -> None:
+        if if_match is not None and if_match.strip() not in (
+            "*",
+            f'"{current.version}"',
+            f'W/"{current.version}"',
+            str(current.version),
+        ):
+            raise PreconditionFailed(f"routine {current.id} is at version {current.version}, not {if_match}")
+
+    def _update(self, routine_id: str, change: Callable[[Routine, datetime], Routine | None]) -> Routine:
         """Read, change, write conditionally; on a lost race read again. ``change`` returns None
         for "nothing to do"."""
         for _ in range(8):
             now = self.clock()
             current, etag = self.store.get_routine(routine_id)
-            if if_match is not None and if_match.strip() not in (
-                "*",
-                f'"{current.version}"',
-                f'W/"{current.version}"',
-                str(current.version),
-            ):
-                raise PreconditionFailed(
-                    f"routine {routine_id} is at version {current.version}, not {if_match}"
-                )
             updated = change(current, now)
             if updated is None:
                 return current
@@ -316,6 +321,7 @@ class Api:
 
     def patch_routine(self, request: Request) -> Response:
         patch = self._object(self._json_body(request))
+        if_match = request.headers.get("if-match")
         unknown = [k for k in patch if k not in MUTABLE_FIELDS]
         if unknown:
             raise ApiError(
@@ -339,6 +345,9 @@ class Api:
                 fields = _RoutineFields.model_validate(merged, context=context)
             except pydantic.ValidationError as exc:
                 raise _invalid(exc) from None
+            # After validation (an invalid patch is 422 whatever the version: retrying it on the
+            # current version cannot help), before any side effect.
+            self._check_if_match(current, if_match)
             values = fields.model_dump()
             if all(values[k] == current.model_dump()[k] for k in values):
                 return None
@@ -352,7 +361,7 @@ class Api:
                     updated = scheduler.schedule_immediately(updated, self.queue, now)
             return updated
 
-        routine = self._update(request.route_params["id"], change, request.headers.get("if-match"))
+        routine = self._update(request.route_params["id"], change)
         return self._routine_response(routine)
 
     def disable_routine(self, request: Request) -> Response:

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     SerializerFunctionWrapHandler,
+    StrictBool,
     ValidationInfo,
     field_validator,
     model_serializer,
@@ -46,6 +47,26 @@ def to_utc(value: datetime) -> datetime:
 
 
 UtcDatetime = Annotated[AwareDatetime, PlainSerializer(utc_text, return_type=str, when_used="json")]
+
+
+def json_integers(value: Any) -> Any:
+    """Before-validator of integer fields given by a user (or a list of them): pydantic's lax mode
+    would also take ``true`` / ``false`` and numeric strings, which JSON Schema's integer is not."""
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, bool | str | bytes):
+            raise ValueError("Input should be a valid integer")
+    return value
+
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})")
+
+
+def rfc3339_input(value: Any) -> Any:
+    """Before-validator of a date-time given by a user: RFC 3339 text with an offset (or a datetime
+    from code). pydantic alone also takes a Unix timestamp, as a number or a numeric string."""
+    if isinstance(value, datetime) or (isinstance(value, str) and _RFC3339.fullmatch(value)):
+        return value
+    raise ValueError("must be an RFC 3339 date-time with a time zone offset, e.g. 2026-09-30T23:59:00Z")
 
 
 class Model(BaseModel):
@@ -96,6 +117,11 @@ class ScheduleTrigger(Model):
 class TimerTrigger(Model):
     type: Literal["timer"]
     at: UtcDatetime
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: Any) -> Any:
+        return rfc3339_input(value)
 
     @field_validator("at")
     @classmethod
@@ -170,6 +196,8 @@ class ResponseAction(_Action):
     thread_id: str | None = Field(default=None, min_length=1, max_length=128)
     max_thread_messages: int = Field(default=200, ge=2, le=100_000)
 
+    _integers = field_validator("max_thread_messages", mode="before")(json_integers)
+
 
 Action = Annotated[InvocationAction | ResponseAction, Field(discriminator="type")]
 
@@ -184,8 +212,17 @@ class RetryPolicy(CompactModel):
     backoff: Literal["fixed", "exponential"] | None = None
     initial_delay_seconds: int | None = Field(default=None, ge=0, le=86400)
     max_delay_seconds: int | None = Field(default=None, ge=1, le=7 * 86400)
-    jitter: bool | None = None
+    jitter: StrictBool | None = None
     max_age_seconds: int | None = Field(default=None, ge=1, le=30 * 86400)
+
+    _integers = field_validator(
+        "max_attempts",
+        "delays_seconds",
+        "initial_delay_seconds",
+        "max_delay_seconds",
+        "max_age_seconds",
+        mode="before",
+    )(json_integers)
 
     @model_validator(mode="after")
     def _one_form(self) -> RetryPolicy:
@@ -236,6 +273,8 @@ class _RoutineFields(Model):
     overlap_policy: OverlapPolicy = OverlapPolicy.skip
     catchup_window_seconds: int = Field(default=3600, ge=0, le=30 * 86400)
     timeout_seconds: int = Field(default=600, ge=1, le=86400)
+
+    _integers = field_validator("catchup_window_seconds", "timeout_seconds", mode="before")(json_integers)
 
     @field_validator("description", mode="before")
     @classmethod

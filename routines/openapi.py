@@ -50,8 +50,126 @@ def _page(name: str) -> dict[str, Any]:
 _PROBLEM = {"description": "Problem", "content": {"application/problem+json": {"schema": _ref("Problem")}}}
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}}
-_CONT = {"name": "continuation", "in": "query", "schema": {"type": "string"}}
+# An empty query parameter (``?limit=``) counts as absent, so the empty string is part of each schema.
+_EMPTY = {"type": "string", "maxLength": 0}
+_LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "description": "page size, default 50; empty: the default",
+    "schema": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 200}, _EMPTY]},
+}
+_CONT = {
+    "name": "continuation",
+    "in": "query",
+    "description": "the token of the previous page (opaque); empty: the first page",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]*$"},
+}
+_ETAG = {"ETag": {"description": 'the routine\'s version, quoted: "<version>"', "schema": {"type": "string"}}}
+_LOCATION = {"Location": {"description": "the created resource", "schema": {"type": "string"}}}
+
+
+def _filter(name: str, values: list[str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "description": "empty: no filter",
+        "schema": {"type": "string", "enum": [*values, ""]},
+    }
+
+
+# Rules between fields that the models enforce in validators, stated in JSON Schema so the document
+# tells the whole truth about what a request may hold.
+_ONE_AGENT = {
+    "description": "exactly one of agent_id or agent_name; agent_version goes with agent_name",
+    "anyOf": [
+        {
+            "required": ["agent_id"],
+            "properties": {
+                "agent_id": {"type": "string"},
+                "agent_name": {"type": "null"},
+                "agent_version": {"type": "null"},
+            },
+        },
+        {
+            "required": ["agent_name"],
+            "properties": {"agent_name": {"type": "string"}, "agent_id": {"type": "null"}},
+        },
+    ],
+}
+_EXPONENTIAL = {"required": ["backoff"], "properties": {"backoff": {"const": "exponential"}}}
+_RETRY_FORMS = [
+    {
+        "if": _EXPONENTIAL,
+        "then": {"properties": {"delays_seconds": {"type": "null"}}},
+        "else": {
+            "properties": {
+                "initial_delay_seconds": {"type": "null"},
+                "max_delay_seconds": {"type": "null"},
+                "jitter": {"type": "null"},
+            }
+        },
+    },
+    {
+        # Fixed delays with retries need at least one delay (absent or null: the default ones).
+        "if": {
+            "anyOf": [
+                _EXPONENTIAL,
+                {"required": ["max_attempts"], "properties": {"max_attempts": {"const": 1}}},
+            ]
+        },
+        "then": {},
+        "else": {"properties": {"delays_seconds": {"anyOf": [{"type": "null"}, {"minItems": 1}]}}},
+    },
+]
+# The fields of a routine that have a default: ``null`` in a merge patch puts the default back.
+_DEFAULTED = ("description", "retry_policy", "overlap_policy", "catchup_window_seconds", "timeout_seconds")
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    if {"type": "null"} in schema.get("anyOf", []):
+        return schema
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _trigger_patch(trigger: dict[str, Any], nullable: tuple[str, ...]) -> dict[str, Any]:
+    """A trigger in a merge patch: any of its members (``type`` included: without it the routine's
+    trigger type is kept); a new ``type`` replaces the trigger whole, which the merge then checks."""
+    properties = {
+        name: (_nullable(schema) if name in nullable else schema)
+        for name, schema in trigger["properties"].items()
+    }
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+def _routine_patch(fields: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7396 merge patch of a routine's fields: every member optional, ``null`` restores the
+    default of a defaulted field, and the trigger is itself merged member by member."""
+    properties = dict(fields["properties"])
+    for name in _DEFAULTED:
+        properties[name] = _nullable(properties[name])
+    schedule = components["ScheduleTrigger"]
+    timer = components.get("TimerTrigger-Input") or components["TimerTrigger"]
+    properties["trigger"] = {"anyOf": [_trigger_patch(schedule, ("time_zone",)), _trigger_patch(timer, ())]}
+    # Inside a patched retry policy, null removes a member too (its default comes back).
+    retry = components["RetryPolicy"]
+    properties["retry_policy"] = {
+        "anyOf": [
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {name: _nullable(schema) for name, schema in retry["properties"].items()},
+            },
+            {"type": "null"},
+        ]
+    }
+    return {
+        "title": "RoutinePatch",
+        "description": "JSON merge patch (RFC 7396) of the routine's fields; the merged routine is then "
+        "validated as a whole (422), so rules between fields apply to the result, not the patch.",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": properties,
+    }
 
 
 def _op(
@@ -61,8 +179,11 @@ def _op(
     errors: tuple[int, ...],
     request: str | None = None,
     params: tuple[dict[str, Any], ...] = (),
+    headers: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     responses: dict[str, Any] = {str(ok): {"description": summary, **(_json(body) if body else {})}}
+    if headers:
+        responses[str(ok)]["headers"] = headers
     for status in errors:
         responses[str(status)] = _PROBLEM
     op: dict[str, Any] = {"summary": summary, "responses": responses}
@@ -82,11 +203,11 @@ def document() -> dict[str, Any]:
         schema_generator=_SchemaGenerator,
     )
     components: dict[str, Any] = dict(schemas.get("$defs", {}))
+    for action in ("InvocationAction", "ResponseAction"):
+        components[action] = {**components[action], "allOf": [_ONE_AGENT]}
+    components["RetryPolicy"] = {**components["RetryPolicy"], "allOf": _RETRY_FORMS}
     # Generated in the same batch as the others, so its $refs use the same (-Input/-Output) names.
-    patch_schema = dict(components.pop(_RoutineFields.__name__))
-    patch_schema.pop("required", None)
-    patch_schema["title"] = "RoutinePatch"
-    components["RoutinePatch"] = patch_schema
+    components["RoutinePatch"] = _routine_patch(components.pop(_RoutineFields.__name__), components)
     components["Problem"] = {
         "type": "object",
         "required": ["title", "status"],
@@ -107,36 +228,25 @@ def document() -> dict[str, Any]:
             },
         },
     }
-    state = {
-        "name": "state",
-        "in": "query",
-        "schema": {"type": "string", "enum": ["enabled", "disabled", "completed"]},
-    }
-    status = {
-        "name": "status",
-        "in": "query",
-        "schema": {
-            "type": "string",
-            "enum": [
-                "queued",
-                "running",
-                "retrying",
-                "succeeded",
-                "failed",
-                "skipped",
-                "missed",
-                "cancelled",
-            ],
-        },
-    }
+    state = _filter("state", ["enabled", "disabled", "completed"])
+    status = _filter(
+        "status", ["queued", "running", "retrying", "succeeded", "failed", "skipped", "missed", "cancelled"]
+    )
     routine = _ref("Routine")
     paths = {
         "/api/routines": {
-            "post": _op("Create a routine", 201, routine, (400, 409, 413, 415, 422), "RoutineCreate"),
+            "post": _op(
+                "Create a routine",
+                201,
+                routine,
+                (400, 409, 413, 415, 422),
+                "RoutineCreate",
+                headers={**_LOCATION, **_ETAG},
+            ),
             "get": _op("List routines", 200, _page("Routine"), (400,), params=(state, _LIMIT, _CONT)),
         },
         "/api/routines/{id}": {
-            "get": _op("Get a routine", 200, routine, (404,), params=(_ID,)),
+            "get": _op("Get a routine", 200, routine, (404,), params=(_ID,), headers=_ETAG),
             "patch": _op(
                 "Change a routine (JSON merge patch)",
                 200,
@@ -144,6 +254,7 @@ def document() -> dict[str, Any]:
                 (400, 404, 409, 412, 413, 415, 422),
                 "RoutinePatch",
                 (_ID, {"name": "If-Match", "in": "header", "schema": {"type": "string"}}),
+                _ETAG,
             ),
             "delete": {
                 "summary": "Delete a routine",
@@ -151,10 +262,22 @@ def document() -> dict[str, Any]:
                 "responses": {"204": {"description": "Deleted"}, "404": _PROBLEM},
             },
         },
-        "/api/routines/{id}/enable": {"post": _op("Enable", 200, routine, (404, 409), params=(_ID,))},
-        "/api/routines/{id}/disable": {"post": _op("Disable", 200, routine, (404,), params=(_ID,))},
+        "/api/routines/{id}/enable": {
+            "post": _op("Enable", 200, routine, (404, 409), params=(_ID,), headers=_ETAG)
+        },
+        "/api/routines/{id}/disable": {
+            "post": _op("Disable", 200, routine, (404,), params=(_ID,), headers=_ETAG)
+        },
         "/api/routines/{id}/dispatch": {
-            "post": _op("Run now", 202, _ref("Run"), (400, 404, 413, 415, 422), "DispatchRequest", (_ID,))
+            "post": _op(
+                "Run now",
+                202,
+                _ref("Run"),
+                (400, 404, 413, 415, 422),
+                "DispatchRequest",
+                (_ID,),
+                _LOCATION,
+            )
         },
         "/api/routines/{id}/runs": {
             "get": _op(

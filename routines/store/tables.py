@@ -6,6 +6,7 @@ parameterised (``@name``), never built by pasting strings.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
@@ -18,6 +19,8 @@ from azure.core.exceptions import (
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
 )
 from azure.data.tables import TableClient, TableServiceClient, TableTransactionError, UpdateMode
 
@@ -27,6 +30,8 @@ from routines.store import codec
 from routines.store.base import Advance, DueEntry, Page, Slot, SlotTaken, SlotWrite
 
 _CONDITION_FAILED = {"UpdateConditionNotSatisfied", "ConditionNotMet"}
+WRITE_ATTEMPTS = 6  # a write failing on the wire is tried for about 6 s (a storage restart, a reset)
+WRITE_BACKOFF, WRITE_BACKOFF_MAX = 0.25, 2.0
 
 
 def _translate(exc: AzureError, what: str) -> RoutinesError:
@@ -69,11 +74,35 @@ class TableStore:
     # --- plumbing ---------------------------------------------------------------------------
     def _execute(self, table: TableClient, ops: list[codec.Op], what: str) -> list[str]:
         """Run a write plan: one request, a transaction when it has several ops. On failure raises
-        Conflict / NotFound / PreconditionFailed with the failing op's index in ``args[1]``."""
+        Conflict / NotFound / PreconditionFailed with the failing op's index in ``args[1]``, or
+        StorageUnavailable.
+
+        A try that fails on the wire (no answer, or a 5xx) is made again here, for a few seconds:
+        the SDK never retries a POST (inserts, transactions), and when it retries a conditional
+        write whose first try went through, the second fails its own condition. So once an answer
+        was lost, a Conflict / NotFound / PreconditionFailed is checked by reading the rows back:
+        if they hold what was written, the write succeeded."""
+        unsure = False
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                return self._execute_once(table, ops, what)
+            except _WireError as exc:
+                unsure = unsure or exc.maybe_applied
+                if attempt == WRITE_ATTEMPTS - 1:
+                    raise exc.error from exc.__cause__
+                time.sleep(min(WRITE_BACKOFF_MAX, WRITE_BACKOFF * 2**attempt))
+            except (Conflict, NotFound, PreconditionFailed):
+                written = self._written(table, ops) if unsure else None
+                if written is None:
+                    raise
+                return written
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _execute_once(self, table: TableClient, ops: list[codec.Op], what: str) -> list[str]:
         try:
             if len(ops) == 1:
                 return [self._single(table, *ops[0])]
-            results = table.submit_transaction([_transaction_op(*op) for op in ops])
+            results = table.submit_transaction([_transaction_op(*op) for op in ops], retry_total=0)
             return [str(r.get("etag", "")) for r in results]
         except TableTransactionError as exc:
             error = _translate(exc, what)
@@ -82,25 +111,53 @@ class TableStore:
         except AzureError as exc:
             error = _translate(exc, what)
             error.args = (error.args[0], 0)
+            if isinstance(exc, ServiceRequestError | ServiceResponseError) or (
+                isinstance(exc, HttpResponseError) and (exc.status_code or 0) >= 500
+            ):
+                # A request never sent (connection refused) cannot have been applied.
+                raise _WireError(error, maybe_applied=not isinstance(exc, ServiceRequestError)) from exc
             raise error from exc
+
+    def _written(self, table: TableClient, ops: list[codec.Op]) -> list[str] | None:
+        """The etags of ``ops``' rows when storage holds exactly what they wrote, else None."""
+        etags = []
+        try:
+            for kind, row, _ in ops:
+                found = self._get(table, row["PartitionKey"], row["RowKey"], "read back")
+                if kind == "delete":
+                    if found is not None:
+                        return None
+                    etags.append("")
+                    continue
+                if found is None or any(
+                    _plain(found[0].get(name)) != _plain(value)
+                    for name, value in row.items()
+                    if name not in ("PartitionKey", "RowKey")
+                ):
+                    return None
+                etags.append(found[1])
+        except StorageUnavailable:
+            return None
+        return etags
 
     @staticmethod
     def _single(table: TableClient, kind: str, row: dict[str, Any], etag: str | None) -> str:
         cond: dict[str, Any] = (
             {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
         )
+        # retry_total=0: _execute tries again itself, and can tell when a lost answer was a success.
         if kind == "insert":
-            result = table.create_entity(row)
+            result = table.create_entity(row, retry_total=0)
         elif kind == "delete":
-            table.delete_entity(row["PartitionKey"], row["RowKey"], **cond)
+            table.delete_entity(row["PartitionKey"], row["RowKey"], retry_total=0, **cond)
             return ""
         elif kind == "upsert":
-            result = table.upsert_entity(row, mode=UpdateMode.REPLACE)
+            result = table.upsert_entity(row, mode=UpdateMode.REPLACE, retry_total=0)
         else:
             mode = UpdateMode.MERGE if kind == "merge" else UpdateMode.REPLACE
             if not etag:
                 cond = {"match_condition": MatchConditions.IfPresent}
-            result = table.update_entity(row, mode=mode, **cond)
+            result = table.update_entity(row, mode=mode, retry_total=0, **cond)
         return str(result.get("etag", ""))
 
     def _get(self, table: TableClient, pk: str, rk: str, what: str) -> tuple[dict[str, Any], str] | None:
@@ -340,6 +397,19 @@ class TableStore:
             )
         except AzureError as exc:
             raise _translate(exc, "ping") from exc
+
+
+class _WireError(Exception):
+    """A write try that got no usable answer (``maybe_applied``: it reached storage, or may have)."""
+
+    def __init__(self, error: RoutinesError, *, maybe_applied: bool) -> None:
+        super().__init__(str(error))
+        self.error, self.maybe_applied = error, maybe_applied
+
+
+def _plain(value: Any) -> Any:
+    """A property as stored or as read back (the SDK wraps some values in an ``EntityProperty``)."""
+    return getattr(value, "value", value)
 
 
 def _storable_key(key: str) -> bool:
