@@ -3,6 +3,7 @@ surviving a storage blip."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -157,3 +158,50 @@ def test_the_outcome_write_is_retried_through_a_storage_blip() -> None:
         assert run.status is RunStatus.succeeded, answer_lost
         assert store.get_slot(routine.id) is None  # released with the outcome
         assert queue.take_all() == []  # nothing re-queued to wait out a lease
+
+
+def test_disabling_a_buffer_one_routine_cancels_its_waiting_run_and_frees_the_slot() -> None:
+    """Regression (soak): the hand-over to a buffered run was dropped as stale after a disable,
+    leaving that run queued and the slot held, so every fire after re-enabling was skipped."""
+    from routines.api import Api, Request
+    from routines.config import Settings, StorageTarget
+
+    clock = Clock(datetime(2026, 6, 1, 12, 0, 0, 500000, tzinfo=UTC))
+    store, queue = MemoryStore(), MemoryQueue()
+    agent = SlowAgent(clock, 3600)
+    api = Api(store, queue, Settings(StorageTarget("x"), min_interval_seconds=1), clock)
+    dispatcher = Dispatcher(store, queue, agent, clock=clock, sleep=lambda s: None)
+
+    def post(handler: Any, body: bytes = b"", **params: str) -> Any:
+        return api.handle(
+            handler, Request("POST", params, {}, {"content-type": "application/json"}, body)
+        ).body
+
+    rid = post(
+        api.create_routine,
+        json.dumps(
+            {
+                "name": "wedge",
+                "overlap_policy": "buffer_one",
+                "trigger": {"type": "schedule", "cron_expression": "* * * * * *"},
+                "actions": [{"type": "invocation", "agent_id": "a", "input": "x"}],
+            }
+        ).encode(),
+    )["id"]
+    first, second = sorted(
+        (m for _, m in queue.take_all() if m.kind == "fire"), key=lambda m: m.scheduled_for
+    )[:2]
+    clock.sleep(1)
+    dispatcher.handle(first.encode())  # starts, pending
+    clock.sleep(1)
+    dispatcher.handle(second.encode())  # buffered behind it
+    assert store.get_run(rid, second.run_id)[0].status is RunStatus.queued
+    post(api.disable_routine, id=rid)
+    agent.duration = 0  # the first run is done at its next poll
+    for _ in range(3):
+        for _, message in queue.take_all():
+            if message.run_id in (first.run_id, second.run_id):
+                dispatcher.handle(message.encode())
+    assert store.get_run(rid, first.run_id)[0].status is RunStatus.succeeded
+    assert store.get_run(rid, second.run_id)[0].status is RunStatus.cancelled
+    assert store.get_slot(rid) is None
