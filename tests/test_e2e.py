@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from azure.core.exceptions import ResourceExistsError
 
 from routines.azurite import free_ports
 from tests.fake_agent import FakeAgent
@@ -195,6 +197,8 @@ def test_unreadable_message_goes_to_poison_and_the_worker_carries_on(
     sender = QueueClient.from_connection_string(
         connection, queue_name, message_encode_policy=TextBase64EncodePolicy()
     )
+    with contextlib.suppress(ResourceExistsError):  # the host may not have created it yet
+        sender.create_queue()
     sender.send_message('{"v": 1, "kind": "explode"}')
     rid = devhost.call("POST", "/routines", routine_body("after-poison"))[2]["id"]
     run = devhost.call("POST", f"/routines/{rid}/dispatch")[2]
