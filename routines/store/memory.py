@@ -11,20 +11,21 @@ from datetime import datetime
 from typing import Any
 
 from routines.errors import Conflict, NotFound, PreconditionFailed
-from routines.models import Routine, Run, RunStatus
+from routines.models import Run, RunStatus
 from routines.store import codec
-from routines.store.base import Advance, DueEntry, Page, Slot, SlotTaken, SlotWrite
+from routines.store.base import Advance, DueEntry, Page
+from routines.store.shared import PlanStore, TableName
 
 Table = dict[tuple[str, str], tuple[dict[str, Any], str]]
 
 
-class MemoryStore:
+class MemoryStore(PlanStore):
     def __init__(self) -> None:
+        super().__init__()
         self._lock = threading.RLock()
         self._routines: Table = {}
         self._runs: Table = {}
         self._etags = itertools.count(1)
-        self._leases: dict[tuple[str, str], str] = {}  # our own lease rows' etags
         self.requests = 0
 
     def _transact(self, table: Table, ops: list[codec.Op]) -> list[str]:
@@ -60,6 +61,12 @@ class MemoryStore:
             found = table.get((pk, rk))
             return (dict(found[0]), found[1]) if found else None
 
+    def _write(self, table: TableName, ops: list[codec.Op], what: str) -> list[str]:
+        return self._transact(self._routines if table == "routines" else self._runs, ops)
+
+    def _read(self, table: TableName, pk: str, rk: str, what: str) -> tuple[dict[str, Any], str] | None:
+        return self._get(self._routines if table == "routines" else self._runs, pk, rk)
+
     def _range(self, table: Table, pk: str, low: str, high: str) -> list[tuple[dict[str, Any], str]]:
         with self._lock:
             self.requests += 1
@@ -67,37 +74,6 @@ class MemoryStore:
         return sorted(rows, key=lambda item: str(item[0]["RowKey"]))
 
     # --- routines ---------------------------------------------------------------------------
-    def create_routine(self, routine: Routine) -> str:
-        try:
-            return self._transact(self._routines, codec.create_routine_ops(routine))[0]
-        except Conflict:
-            raise Conflict(f"a routine named {routine.name!r} exists") from None
-
-    def get_routine(self, routine_id: str) -> tuple[Routine, str]:
-        found = self._get(self._routines, codec.ROUTINE_PK, codec.routine_rk(routine_id))
-        if not found:
-            raise NotFound(f"routine {routine_id!r} not found")
-        return codec.routine_from_row(found[0]), found[1]
-
-    def replace_routine(self, routine: Routine, etag: str, previous: Routine) -> str:
-        ops = codec.replace_routine_ops(routine, etag, previous)
-        try:
-            return self._transact(self._routines, ops)[0]
-        except Conflict:
-            raise Conflict(f"a routine named {routine.name!r} exists") from None
-        except (NotFound, PreconditionFailed):
-            self.get_routine(routine.id)  # NotFound when it was deleted
-            raise PreconditionFailed(f"routine {routine.id!r} changed") from None
-
-    def delete_routine(self, routine_id: str) -> None:
-        while True:
-            routine, etag = self.get_routine(routine_id)
-            try:
-                self._transact(self._routines, codec.delete_routine_ops(routine, etag))
-                return
-            except (NotFound, PreconditionFailed):
-                continue  # changed under us: read again (NotFound from get_routine ends it)
-
     def list_routines(self, state: str | None, limit: int, continuation: str | None) -> Page:
         after = codec.decode_continuation(continuation, codec.ROUTINE_PREFIX)
         rows = [
@@ -123,31 +99,6 @@ class MemoryStore:
         return results
 
     # --- runs -------------------------------------------------------------------------------
-    def _run_write(self, kind: str, run: Run, etag: str | None, slot: SlotWrite | None) -> str:
-        ops: list[codec.Op] = [(kind, codec.run_row(run), etag)]
-        if slot:
-            ops.append(codec.slot_op(run.routine_id, slot.holder, slot.buffered, slot.etag))
-        try:
-            return self._transact(self._runs, ops)[0]
-        except (Conflict, NotFound, PreconditionFailed) as exc:
-            if len(exc.args) > 1 and exc.args[1] == 1:
-                raise SlotTaken(run.routine_id) from None
-            if kind == "insert":
-                raise Conflict(f"run {run.id!r} exists") from None
-            raise PreconditionFailed(f"run {run.id!r} changed") from None
-
-    def insert_run(self, run: Run, slot: SlotWrite | None = None) -> str:
-        return self._run_write("insert", run, None, slot)
-
-    def replace_run(self, run: Run, etag: str, slot: SlotWrite | None = None) -> str:
-        return self._run_write("replace", run, etag, slot)
-
-    def get_run(self, routine_id: str, run_id: str) -> tuple[Run, str]:
-        found = self._get(self._runs, routine_id, run_id) if run_id.startswith(codec.RUN_PREFIX) else None
-        if not found:
-            raise NotFound(f"run {run_id!r} of routine {routine_id!r} not found")
-        return codec.run_from_row(found[0]), found[1]
-
     def list_runs(
         self, routine_id: str, status: RunStatus | None, limit: int, continuation: str | None
     ) -> Page:
@@ -158,12 +109,6 @@ class MemoryStore:
             if r["RowKey"] != after and (status is None or r["Status"] == status.value)
         ]
         return _page(rows, limit, codec.run_from_row)
-
-    def get_slot(self, routine_id: str) -> Slot | None:
-        found = self._get(self._runs, routine_id, codec.SLOT_RK)
-        if not found:
-            return None
-        return Slot(holder=found[0]["Holder"], buffered=found[0]["Buffered"] or None, etag=found[1])
 
     def runs_scheduled_before(self, cutoff: datetime) -> Iterator[Run]:
         bound = codec.iso(cutoff)
@@ -182,29 +127,6 @@ class MemoryStore:
             return sum(self._runs.pop((r.routine_id, r.id), None) is not None for r in runs)
 
     # --- coordination -----------------------------------------------------------------------
-    def try_lease(self, name: str, owner: str, now: datetime, until: datetime) -> bool:
-        held = self._leases.get((name, owner))
-        if held:  # renewing our own lease: one conditional write, unless someone wrote it since
-            try:
-                row = codec.lease_row(name, owner, until)
-                self._leases[(name, owner)] = self._transact(self._routines, [("replace", row, held)])[0]
-                return True
-            except (Conflict, NotFound, PreconditionFailed):
-                self._leases.pop((name, owner), None)
-        found = self._get(self._routines, codec.ROUTINE_PK, codec.lease_rk(name))
-        if found and found[0]["Owner"] != owner and found[0]["Until"] > codec.iso(now):
-            return False
-        op: codec.Op = (
-            ("replace", codec.lease_row(name, owner, until), found[1])
-            if found
-            else ("insert", codec.lease_row(name, owner, until), None)
-        )
-        try:
-            self._leases[(name, owner)] = self._transact(self._routines, [op])[0]
-            return True
-        except (Conflict, NotFound, PreconditionFailed):
-            return False
-
     def ping(self) -> None:
         return None
 

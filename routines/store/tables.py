@@ -25,9 +25,10 @@ from azure.core.exceptions import (
 from azure.data.tables import TableClient, TableServiceClient, TableTransactionError, UpdateMode
 
 from routines.errors import Conflict, NotFound, PreconditionFailed, RoutinesError, StorageUnavailable
-from routines.models import Routine, Run, RunStatus
+from routines.models import Run, RunStatus
 from routines.store import codec
-from routines.store.base import Advance, DueEntry, Page, Slot, SlotTaken, SlotWrite
+from routines.store.base import Advance, DueEntry, Page
+from routines.store.shared import PlanStore, TableName
 
 _CONDITION_FAILED = {"UpdateConditionNotSatisfied", "ConditionNotMet"}
 WRITE_ATTEMPTS = 6  # a write failing on the wire is tried for about 6 s (a storage restart, a reset)
@@ -54,14 +55,20 @@ def _translate(exc: AzureError, what: str) -> RoutinesError:
     return StorageUnavailable(f"{what}: storage unavailable ({type(exc).__name__})")
 
 
-class TableStore:
+class TableStore(PlanStore):
     def __init__(self, service: TableServiceClient, prefix: str) -> None:
+        super().__init__()
         self._service = service
         self.routines_table = f"{prefix}Routines"
         self.runs_table = f"{prefix}Runs"
         self._routines: TableClient = service.get_table_client(self.routines_table)
         self._runs: TableClient = service.get_table_client(self.runs_table)
-        self._leases: dict[tuple[str, str], str] = {}  # our own lease rows' etags
+
+    def _write(self, table: TableName, ops: list[codec.Op], what: str) -> list[str]:
+        return self._execute(self._routines if table == "routines" else self._runs, ops, what)
+
+    def _read(self, table: TableName, pk: str, rk: str, what: str) -> tuple[dict[str, Any], str] | None:
+        return self._get(self._routines if table == "routines" else self._runs, pk, rk, what)
 
     def ensure_tables(self) -> None:
         """Create the tables if missing (idempotent; run once per process at start)."""
@@ -199,43 +206,6 @@ class TableStore:
         return Page([convert(r) for r in rows], None)
 
     # --- routines ---------------------------------------------------------------------------
-    def create_routine(self, routine: Routine) -> str:
-        try:
-            return self._execute(self._routines, codec.create_routine_ops(routine), f"routine {routine.id}")[
-                0
-            ]
-        except Conflict:
-            raise Conflict(f"a routine named {routine.name!r} exists") from None
-
-    def get_routine(self, routine_id: str) -> tuple[Routine, str]:
-        found = self._get(
-            self._routines, codec.ROUTINE_PK, codec.routine_rk(routine_id), f"routine {routine_id}"
-        )
-        if not found:
-            raise NotFound(f"routine {routine_id!r} not found")
-        return codec.routine_from_row(found[0]), found[1]
-
-    def replace_routine(self, routine: Routine, etag: str, previous: Routine) -> str:
-        ops = codec.replace_routine_ops(routine, etag, previous)
-        try:
-            return self._execute(self._routines, ops, f"routine {routine.id}")[0]
-        except Conflict:
-            raise Conflict(f"a routine named {routine.name!r} exists") from None
-        except (NotFound, PreconditionFailed):
-            self.get_routine(routine.id)  # NotFound when it was deleted
-            raise PreconditionFailed(f"routine {routine.id!r} changed") from None
-
-    def delete_routine(self, routine_id: str) -> None:
-        while True:
-            routine, etag = self.get_routine(routine_id)
-            try:
-                self._execute(
-                    self._routines, codec.delete_routine_ops(routine, etag), f"routine {routine_id}"
-                )
-                return
-            except (NotFound, PreconditionFailed):
-                continue
-
     def list_routines(self, state: str | None, limit: int, continuation: str | None) -> Page:
         after = codec.decode_continuation(continuation, codec.ROUTINE_PREFIX)
         query = "PartitionKey eq @pk and RowKey gt @after and RowKey lt @end"
@@ -284,33 +254,6 @@ class TableStore:
         return results
 
     # --- runs -------------------------------------------------------------------------------
-    def _run_write(self, kind: str, run: Run, etag: str | None, slot: SlotWrite | None) -> str:
-        ops: list[codec.Op] = [(kind, codec.run_row(run), etag)]
-        if slot:
-            ops.append(codec.slot_op(run.routine_id, slot.holder, slot.buffered, slot.etag))
-        try:
-            return self._execute(self._runs, ops, f"run {run.id}")[0]
-        except (Conflict, NotFound, PreconditionFailed) as exc:
-            if len(exc.args) > 1 and exc.args[1] == 1:
-                raise SlotTaken(run.routine_id) from None
-            if kind == "insert":
-                raise Conflict(f"run {run.id!r} exists") from None
-            raise PreconditionFailed(f"run {run.id!r} changed") from None
-
-    def insert_run(self, run: Run, slot: SlotWrite | None = None) -> str:
-        return self._run_write("insert", run, None, slot)
-
-    def replace_run(self, run: Run, etag: str, slot: SlotWrite | None = None) -> str:
-        return self._run_write("replace", run, etag, slot)
-
-    def get_run(self, routine_id: str, run_id: str) -> tuple[Run, str]:
-        found = None
-        if run_id.startswith(codec.RUN_PREFIX):
-            found = self._get(self._runs, routine_id, run_id, f"run {run_id}")
-        if not found:
-            raise NotFound(f"run {run_id!r} of routine {routine_id!r} not found")
-        return codec.run_from_row(found[0]), found[1]
-
     def list_runs(
         self, routine_id: str, status: RunStatus | None, limit: int, continuation: str | None
     ) -> Page:
@@ -321,12 +264,6 @@ class TableStore:
             query += " and Status eq @status"
             params["status"] = status.value
         return self._page(self._runs, query, params, limit, codec.run_from_row)
-
-    def get_slot(self, routine_id: str) -> Slot | None:
-        found = self._get(self._runs, routine_id, codec.SLOT_RK, f"slot of {routine_id}")
-        if not found:
-            return None
-        return Slot(holder=found[0]["Holder"], buffered=found[0]["Buffered"] or None, etag=found[1])
 
     def runs_scheduled_before(self, cutoff: datetime) -> Iterator[Run]:
         rows = self._query(
@@ -364,27 +301,6 @@ class TableStore:
         return deleted
 
     # --- coordination -----------------------------------------------------------------------
-    def try_lease(self, name: str, owner: str, now: datetime, until: datetime) -> bool:
-        row = codec.lease_row(name, owner, until)
-        held = self._leases.get((name, owner))
-        if held:  # renewing our own lease: one conditional write, unless someone wrote it since
-            try:
-                self._leases[(name, owner)] = self._execute(
-                    self._routines, [("replace", row, held)], "lease"
-                )[0]
-                return True
-            except (Conflict, NotFound, PreconditionFailed):
-                self._leases.pop((name, owner), None)
-        found = self._get(self._routines, codec.ROUTINE_PK, codec.lease_rk(name), f"lease {name}")
-        if found and found[0]["Owner"] != owner and found[0]["Until"] > codec.iso(now):
-            return False
-        op: codec.Op = ("replace", row, found[1]) if found else ("insert", row, None)
-        try:
-            self._leases[(name, owner)] = self._execute(self._routines, [op], f"lease {name}")[0]
-            return True
-        except (Conflict, NotFound, PreconditionFailed):
-            return False
-
     def ping(self) -> None:
         try:
             next(
