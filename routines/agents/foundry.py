@@ -19,9 +19,10 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from azure.core.credentials import TokenCredential
 from azure.core.pipeline.policies import HTTPPolicy, SansIOHTTPPolicy
@@ -58,6 +59,9 @@ RETRIABLE_FAILURE_CODES = frozenset(
         "vector_store_timeout",
     }
 )
+
+
+T = TypeVar("T")
 
 
 def utc_now() -> datetime:
@@ -210,6 +214,58 @@ def is_past_deadline(call: AgentCall, now: datetime) -> bool:
 def timed_out(what: str, call: AgentCall) -> AgentError:
     deadline = call.deadline.isoformat() if call.deadline else "?"
     return AgentError(f"{what} timed out: not finished by the deadline {deadline}", retriable=True)
+
+
+class PollingProtocol:
+    """What both Foundry protocols share: checking a started run against the call's deadline."""
+
+    _clock: Clock
+    _poll_interval: float
+
+    def cancel(self, call: AgentCall, handle: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _translate_errors(self, what: str) -> AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def _poll_run(
+        self,
+        call: AgentCall,
+        handle: dict[str, Any],
+        what: str,
+        read: Callable[[], T],
+        settle: Callable[[T], AgentOutcome],
+        *,
+        thread_id: str,
+        agent_run_id: str,
+    ) -> AgentOutcome:
+        """``read`` the run's state and ``settle`` it into an outcome. A read that fails for a passing
+        reason polls again (the run is most likely still going); past the deadline the run is
+        cancelled and the attempt times out (retriable)."""
+        try:
+            with self._translate_errors(what):
+                state = read()
+        except AgentError as exc:
+            if not exc.retriable:
+                raise
+            if is_past_deadline(call, self._clock()):
+                self.cancel(call, handle)
+                raise timed_out(what, call) from exc
+            log.warning("%s; polling again", exc)
+            return poll_again(
+                call,
+                handle,
+                exc,
+                now=self._clock(),
+                interval=self._poll_interval,
+                thread_id=thread_id,
+                agent_run_id=agent_run_id,
+            )
+        outcome = settle(state)
+        if not outcome.done and is_past_deadline(call, self._clock()):
+            self.cancel(call, handle)
+            raise timed_out(what, call)
+        return outcome
 
 
 def handle_str(handle: Mapping[str, Any], key: str) -> str:

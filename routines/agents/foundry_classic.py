@@ -32,17 +32,15 @@ from routines.agents.base import AgentCall, AgentOutcome
 from routines.agents.foundry import (
     Clock,
     PipelinePolicy,
+    PollingProtocol,
     cap_output,
     handle_str,
     http_error,
     input_text,
-    is_past_deadline,
-    poll_again,
     poll_delay,
     retry_after_seconds,
     run_failure,
     run_metadata,
-    timed_out,
 )
 from routines.errors import AgentError
 
@@ -52,7 +50,7 @@ PENDING_STATUSES = frozenset({"queued", "in_progress", "cancelling"})
 MAX_PAGE_SIZE = 100  # the service's largest page of messages
 
 
-class ClassicAgents:
+class ClassicAgents(PollingProtocol):
     """``AgentBackend`` for classic agents. Handle: ``{"kind": "thread_run", "thread_id", "run_id"}``."""
 
     def __init__(
@@ -104,31 +102,20 @@ class ClassicAgents:
         thread_id = handle_str(handle, "thread_id")
         run_id = handle_str(handle, "run_id")
         what = f"classic agent {call.agent_id} run {run_id}"
-        try:
-            with self._translate_errors(what):
-                run = self._client.runs.get(thread_id, run_id)
-                output = self._output_of(run)
-        except AgentError as exc:
-            if not exc.retriable:
-                raise
-            if is_past_deadline(call, self._clock()):
-                self.cancel(call, handle)
-                raise timed_out(what, call) from exc
-            log.warning("%s; polling again", exc)
-            return poll_again(
-                call,
-                handle,
-                exc,
-                now=self._clock(),
-                interval=self._poll_interval,
-                thread_id=thread_id,
-                agent_run_id=run_id,
-            )
-        outcome = self._settle(call, run, output)
-        if not outcome.done and is_past_deadline(call, self._clock()):
-            self.cancel(call, handle)
-            raise timed_out(what, call)
-        return outcome
+
+        def read() -> tuple[ThreadRun, str | None]:
+            run = self._client.runs.get(thread_id, run_id)
+            return run, self._output_of(run)
+
+        return self._poll_run(
+            call,
+            handle,
+            what,
+            read,
+            lambda state: self._settle(call, *state),
+            thread_id=thread_id,
+            agent_run_id=run_id,
+        )
 
     def cancel(self, call: AgentCall, handle: dict[str, Any]) -> None:
         """``POST .../cancel``, best effort. Never raises."""

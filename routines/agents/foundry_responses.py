@@ -24,17 +24,15 @@ from routines.agents.base import AgentCall, AgentOutcome
 from routines.agents.foundry import (
     Clock,
     PipelinePolicy,
+    PollingProtocol,
     cap_output,
     handle_str,
     http_error,
     input_text,
-    is_past_deadline,
-    poll_again,
     poll_delay,
     retry_after_seconds,
     run_failure,
     run_metadata,
-    timed_out,
 )
 from routines.errors import AgentError
 
@@ -47,7 +45,7 @@ CLIENT_ACTION_ITEMS = frozenset({"function_call", "mcp_approval_request", "compu
 MAX_PAGE_SIZE = 100  # the service's largest page of conversation items
 
 
-class NamedAgents:
+class NamedAgents(PollingProtocol):
     """``AgentBackend`` for agents by name.
 
     Handle: ``{"kind": "response", "response_id", "conversation_id"}``.
@@ -103,30 +101,15 @@ class NamedAgents:
         response_id = handle_str(handle, "response_id")
         conversation_id = handle_str(handle, "conversation_id")
         what = f"agent {call.agent_name} response {response_id}"
-        try:
-            with self._translate_errors(what):
-                response = self._client.responses.retrieve(response_id)
-        except AgentError as exc:
-            if not exc.retriable:
-                raise
-            if is_past_deadline(call, self._clock()):
-                self.cancel(call, handle)
-                raise timed_out(what, call) from exc
-            log.warning("%s; polling again", exc)
-            return poll_again(
-                call,
-                handle,
-                exc,
-                now=self._clock(),
-                interval=self._poll_interval,
-                thread_id=conversation_id,
-                agent_run_id=response_id,
-            )
-        outcome = self._settle(call, response, conversation_id)
-        if not outcome.done and is_past_deadline(call, self._clock()):
-            self.cancel(call, handle)
-            raise timed_out(what, call)
-        return outcome
+        return self._poll_run(
+            call,
+            handle,
+            what,
+            lambda: self._client.responses.retrieve(response_id),
+            lambda response: self._settle(call, response, conversation_id),
+            thread_id=conversation_id,
+            agent_run_id=response_id,
+        )
 
     def cancel(self, call: AgentCall, handle: dict[str, Any]) -> None:
         """``POST /responses/{id}/cancel``, best effort. Never raises."""
