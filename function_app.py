@@ -9,6 +9,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from datetime import timedelta
 
 import azure.functions as func
 
@@ -17,6 +18,7 @@ from routines.api import Api, Request, Response
 from routines.dispatcher import PoisonMessage
 from routines.models import now_utc
 from routines.purge import purge
+from routines.repair import repair as run_repair
 from routines.runtime import get_runtime
 from routines.scheduler import tick as run_tick
 
@@ -110,12 +112,20 @@ def tick(timer: func.TimerRequest) -> None:
 def dispatch(msg: func.QueueMessage) -> None:
     runtime = get_runtime()
     try:
-        runtime.dispatcher.handle(msg.get_body())
+        runtime.dispatcher.deliver(msg.get_body(), msg.dequeue_count or 1, runtime.queue.poison)
     except PoisonMessage as exc:
         # Guarantee 7: straight to the poison queue, with a log line; the worker carries on.
         log.error("moving message %s to %s: %s", msg.id, runtime.settings.poison_queue_name, exc)
         telemetry.record_poison()
         runtime.queue.poison(msg.get_body().decode(errors="replace"))
+
+
+@app.timer_trigger(schedule="*/15 * * * * *", arg_name="timer", run_on_startup=False, use_monitor=False)
+def repair(timer: func.TimerRequest) -> None:
+    runtime = get_runtime()
+    run_repair(
+        runtime.store, runtime.queue, now_utc(), timedelta(seconds=runtime.settings.repair_after_seconds)
+    )
 
 
 @app.timer_trigger(schedule="0 30 3 * * *", arg_name="timer", run_on_startup=False, use_monitor=False)

@@ -100,6 +100,10 @@ param agentSigningSecret string = ''
 @minValue(1)
 param minIntervalSeconds int = 60
 
+@description('ROUTINES_REPAIR_AFTER_SECONDS: a run with nothing in flight this long is resumed by the repair pass.')
+@minValue(1)
+param repairAfterSeconds int = 90
+
 @description('ROUTINES_RUN_RETENTION_DAYS: run history retention.')
 @minValue(1)
 param runRetentionDays int = 30
@@ -212,6 +216,7 @@ var routinesSettings = {
   ROUTINES_AGENT_SIGNING_SECRET: agentSigningSecret
   ROUTINES_MIN_INTERVAL_SECONDS: string(minIntervalSeconds)
   ROUTINES_RUN_RETENTION_DAYS: string(runRetentionDays)
+  ROUTINES_REPAIR_AFTER_SECONDS: string(repairAfterSeconds)
   ROUTINES_RUN_ARCHIVE_CONTAINER: runArchiveContainer
   ROUTINES_LOG_FORMAT: logFormat
   // Keep or drop whole traces (tick -> dispatch -> agent), not parts of them.

@@ -8,6 +8,7 @@ handlers validate, talk to the store and the queue, and return a ``Response``. E
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 import pydantic
 
-from routines import scheduler, telemetry
+from routines import lifecycle, scheduler, telemetry
 from routines.config import Settings
 from routines.errors import (
     Conflict,
@@ -49,6 +50,7 @@ from routines.models import (
 from routines.schedule import next_fire_after
 from routines.store import Store
 
+log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 256 * 1024
 DEFAULT_LIMIT, MAX_LIMIT = 50, 200
 _TAGS = {"schedule", "timer", "invocation", "response"}
@@ -264,11 +266,12 @@ class Api:
             version=1,
             schedule_version=1,
         )
-        if routine.state is RoutineState.enabled:
-            # Enqueued before the routine exists: if the create fails, the fires find no routine
-            # and are dropped; if it succeeds, none is a tick late.
-            routine = scheduler.schedule_immediately(routine, self.queue, now)
-        self.store.create_routine(routine)
+        # Written first, with a watch of each near fire; enqueued after (guarantee 1).
+        plan = scheduler.plan_immediately(routine, now) if routine.state is RoutineState.enabled else None
+        routine = plan.routine if plan else routine
+        self.store.create_routine(routine, plan.watches if plan else ())
+        if plan:
+            scheduler.send_immediate(self.queue, plan)
         return self._routine_response(routine, 201, {"Location": f"/api/routines/{routine.id}"})
 
     def list_routines(self, request: Request) -> Response:
@@ -303,20 +306,24 @@ class Api:
         ):
             raise PreconditionFailed(f"routine {current.id} is at version {current.version}, not {if_match}")
 
-    def _update(self, routine_id: str, change: Callable[[Routine, datetime], Routine | None]) -> Routine:
+    def _update(
+        self, routine_id: str, change: Callable[[Routine, datetime], Routine | scheduler.Immediate | None]
+    ) -> Routine:
         """Read, change, write conditionally; on a lost race read again. ``change`` returns None
-        for "nothing to do"."""
+        for "nothing to do", or a routine with near fires to enqueue once it is written."""
         for _ in range(8):
             now = self.clock()
             current, etag = self.store.get_routine(routine_id)
             updated = change(current, now)
             if updated is None:
                 return current
+            plan = updated if isinstance(updated, scheduler.Immediate) else scheduler.Immediate(updated)
             try:
-                self.store.replace_routine(updated, etag, current)
-                return updated
+                self.store.replace_routine(plan.routine, etag, current, plan.watches)
             except PreconditionFailed:
                 continue
+            scheduler.send_immediate(self.queue, plan)
+            return plan.routine
         raise StorageUnavailable(f"routine {routine_id} kept changing; try again")
 
     def patch_routine(self, request: Request) -> Response:
@@ -331,7 +338,7 @@ class Api:
                 [{"loc": [k], "msg": "unknown or read-only field"} for k in unknown],
             )
 
-        def change(current: Routine, now: datetime) -> Routine | None:
+        def change(current: Routine, now: datetime) -> Routine | scheduler.Immediate | None:
             merged = merge_patch(current.model_dump(mode="json", include=set(MUTABLE_FIELDS)), patch)
             old_trigger = current.trigger.model_dump(mode="json")
             if (
@@ -355,58 +362,21 @@ class Api:
                 update={**dict(fields), "version": current.version + 1, "updated_at": now}
             )
             if trigger_changed:
-                updated.schedule_version = updated.version
-                if updated.state is not RoutineState.disabled:
-                    updated.state = RoutineState.enabled
-                    updated = scheduler.schedule_immediately(updated, self.queue, now)
+                updated = lifecycle.reschedule(updated, now)
+                if updated.state is RoutineState.enabled:
+                    return scheduler.plan_immediately(updated, now)
             return updated
 
         routine = self._update(request.route_params["id"], change)
         return self._routine_response(routine)
 
     def disable_routine(self, request: Request) -> Response:
-        def change(current: Routine, now: datetime) -> Routine | None:
-            if current.state is not RoutineState.enabled:
-                return None
-            version = current.version + 1
-            return current.model_copy(
-                update={
-                    "state": RoutineState.disabled,
-                    "next_fire_at": None,
-                    "due_at": None,
-                    "version": version,
-                    "schedule_version": version,
-                    "updated_at": now,
-                }
-            )
-
-        return self._routine_response(self._update(request.route_params["id"], change))
+        return self._routine_response(self._update(request.route_params["id"], lifecycle.disable))
 
     def enable_routine(self, request: Request) -> Response:
-        def change(current: Routine, now: datetime) -> Routine | None:
-            if current.state is RoutineState.enabled:
-                return None
-            if current.state is RoutineState.completed:
-                raise ApiError(
-                    409,
-                    "Conflict",
-                    "this timer routine has fired and is completed; PATCH "
-                    "trigger.at to a future time to schedule it again",
-                )
-            if next_fire_after(current.trigger, now) is None:
-                raise ApiError(
-                    409, "Conflict", "the timer's time has passed; PATCH trigger.at to a future time"
-                )
-            version = current.version + 1
-            enabled = current.model_copy(
-                update={
-                    "state": RoutineState.enabled,
-                    "version": version,
-                    "schedule_version": version,
-                    "updated_at": now,
-                }
-            )
-            return scheduler.schedule_immediately(enabled, self.queue, now)
+        def change(current: Routine, now: datetime) -> scheduler.Immediate | None:
+            enabled = lifecycle.enable(current, now)
+            return scheduler.plan_immediately(enabled, now) if enabled else None
 
         return self._routine_response(self._update(request.route_params["id"], change))
 
@@ -434,18 +404,24 @@ class Api:
             idempotency_key=f"{routine.id}:manual:{run_id}",
             progress=RunProgress(input_override=override, routine_version=routine.version),
         )
-        self.store.insert_run(run)
-        self.queue.send(
-            DispatchMessage(
-                kind="fire",
-                routine_id=routine.id,
-                scheduled_for=now,
-                routine_version=routine.version,
-                attempt=1,
-                run_id=run_id,
-                traceparent=telemetry.current_traceparent(),
-            )
+        message = DispatchMessage(
+            kind="fire",
+            routine_id=routine.id,
+            scheduled_for=now,
+            routine_version=routine.version,
+            attempt=1,
+            run_id=run_id,
+            traceparent=telemetry.current_traceparent(),
         )
+        # Watch, then the run, then its message: whichever step a failure stops at, nothing is left
+        # queued for ever (the repair pass sends a watched run's message again, and drops a watch
+        # whose run was never written).
+        self.store.watch([scheduler.watch_for(message, "manual")])
+        self.store.insert_run(run)
+        try:
+            self.queue.send(message)
+        except StorageUnavailable as exc:
+            log.warning("manual run %s accepted but not enqueued (%s); the repair pass sends it", run_id, exc)
         return Response(202, run.public(), {"Location": f"/api/routines/{routine.id}/runs/{run_id}"})
 
     def list_runs(self, request: Request) -> Response:

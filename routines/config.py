@@ -45,6 +45,7 @@ class Settings:
     agent_signing_secret: str | None = field(default=None, repr=False)
     min_interval_seconds: int = 60
     run_retention_days: int = 30
+    repair_after_seconds: int = 90
     run_archive_container: str | None = None
     appinsights_connection_string: str | None = field(default=None, repr=False)
     otlp_endpoint: str | None = None
@@ -83,6 +84,7 @@ class Settings:
             agent_signing_secret=get("ROUTINES_AGENT_SIGNING_SECRET"),
             min_interval_seconds=_int(env, "ROUTINES_MIN_INTERVAL_SECONDS", 60, minimum=1),
             run_retention_days=_int(env, "ROUTINES_RUN_RETENTION_DAYS", 30, minimum=1),
+            repair_after_seconds=_int(env, "ROUTINES_REPAIR_AFTER_SECONDS", 90, minimum=1),
             run_archive_container=get("ROUTINES_RUN_ARCHIVE_CONTAINER"),
             appinsights_connection_string=get("APPLICATIONINSIGHTS_CONNECTION_STRING"),
             otlp_endpoint=get("OTEL_EXPORTER_OTLP_ENDPOINT"),

@@ -1,54 +1,46 @@
-"""The dispatcher: one queue message = one fire, retry or status poll of one routine.
+"""The dispatcher: a thin interpreter of the run state machine (``routines.decide``).
 
-Invariants (SPEC 3):
-- One fire = one run: the run id is derived from (routine id, scheduled time) and inserted if absent.
-- At most one agent start per attempt: an attempt is *claimed* by an etag-conditional run write that
-  sets an expiring lease before the agent is called. A message that finds the attempt leased re-queues
-  itself to come back when the lease ends; a crashed worker's attempt is taken over after it.
-- Waiting costs no compute: a pending agent run is checked through delayed ``poll`` messages, and a
-  retry is a new message with a visibility delay. The handler always returns normally; only a storage
-  outage raises (so the host redelivers the message later).
+One queue message = one fire, retry or status poll of one run. For each message it reads the clock,
+then loops: ask ``decide.next_step`` what to do, do it (load a row, write the run, send a message,
+call the agent), feed what happened back in as facts. Every choice lives in ``decide``; this module
+only performs them, translates storage races into fresh facts, and records telemetry.
+
+``deliver`` is the queue trigger's whole job: it also re-queues a message with back-off while storage
+is unavailable (instead of burning the host's deliveries) and, on the last delivery of a message that
+keeps failing, ends its run ``failed`` with the reason and moves the message to the poison queue.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Literal
+from datetime import datetime
 
-from routines import retry, schedule, telemetry
+from routines import decide, lifecycle, telemetry
 from routines.agents.base import AgentBackend, AgentCall, AgentError, AgentOutcome
+from routines.decide import UNKNOWN, Facts
 from routines.errors import Conflict, NotFound, PreconditionFailed, StorageUnavailable
-from routines.messages import DispatchMessage, DispatchQueue, delay_until
+from routines.messages import DispatchMessage, DispatchQueue
 from routines.models import (
     OUTPUT_LIMIT_BYTES,
-    ActionResult,
-    OverlapPolicy,
     ResponseAction,
     Routine,
-    RoutineState,
     Run,
-    RunProgress,
-    RunStatus,
     RunTrigger,
-    idempotency_key,
     now_utc,
 )
 from routines.scheduler import OWNER
-from routines.store import SlotTaken, SlotWrite, Store
+from routines.store import SlotTaken, Store
 
 log = logging.getLogger(__name__)
 
-LEASE_MARGIN = timedelta(seconds=30)
-MAX_EARLY_WAIT = 2.5  # fires surface 1-2 s early (scheduler.fire_delay, whole-second visibility delays)
-MIN_POLL_SECONDS = 1.0  # visibility delays are whole seconds: anything shorter would poll in a tight loop
-MAX_POLL_SECONDS = 30.0
-POLL_BACKOFF = 0.25  # poll again after a quarter of the time the run has taken so far (guarantee 6)
-FINISH_RETRY_PAUSES = (0.2, 0.5, 1.0)  # a lost final write would hold the run until its lease ends
-ABANDONED_AFTER = timedelta(minutes=10)  # a non-terminal run untouched this long no longer blocks others
+MAX_STEPS = 32  # decisions per message; a message still undecided then comes back in a second
+OUTCOME_WRITE_PAUSES = (0.2, 0.5, 1.0)  # after an agent call: a lost write would start it again
+MAX_DELIVERIES = 5  # host.json extensions.queues.maxDequeueCount
+REQUEUE_MIN, REQUEUE_MAX = 2.0, 60.0  # back-off of a message re-queued while storage is unavailable
 
 
 class PoisonMessage(ValueError):  # named for what happens to the message
@@ -64,8 +56,11 @@ def truncate_output(text: str | None) -> str | None:
     return data[:OUTPUT_LIMIT_BYTES].decode(errors="ignore")
 
 
-def is_manual_run(run_id: str) -> bool:
-    return run_id.rsplit("_", 1)[-1].startswith("m")
+def requeue_delay(message: DispatchMessage, now: datetime) -> float:
+    """Back-off for a message re-queued through a storage outage: a quarter of its age, so a long
+    outage is retried less often, between ``REQUEUE_MIN`` and ``REQUEUE_MAX`` seconds."""
+    age = (now - message.scheduled_for).total_seconds()
+    return min(REQUEUE_MAX, max(REQUEUE_MIN, age / 4))
 
 
 @dataclass
@@ -77,14 +72,54 @@ class Dispatcher:
     sleep: Callable[[float], None] = time.sleep
     owner: str = OWNER
 
-    # --- entry point ------------------------------------------------------------------------
-    def handle(self, body: bytes | str) -> None:
-        """Process one message. Raises ``PoisonMessage`` for an unreadable one (the caller moves it to
-        the poison queue) and ``StorageUnavailable`` when storage is down (the host redelivers)."""
+    # --- entry points -----------------------------------------------------------------------
+    def deliver(
+        self, body: bytes | str, delivery: int = 1, poison: Callable[[str], None] | None = None
+    ) -> None:
+        """Handle delivery number ``delivery`` of a message, never letting a known failure cost a
+        delivery: storage unavailable re-queues it with back-off; the last delivery of a message
+        that keeps failing ends its run ``failed`` (``give_up``) and moves it to ``poison``.
+        Raises ``PoisonMessage`` for an unreadable message, and whatever failed on earlier
+        deliveries (the host delivers the message again)."""
+        message = self._decode(body)
         try:
-            message = DispatchMessage.decode(body)
+            self._handle(message)
+            return
+        except StorageUnavailable as exc:
+            try:
+                self.queue.send(message, requeue_delay(message, self.clock()))
+                log.warning("storage unavailable (%s); message for run %s re-queued", exc, message.run_id)
+                return
+            except StorageUnavailable:
+                error: Exception = exc  # the queue is down too: the host redelivers it
+        except Exception as exc:  # a bug or a settings error: the host tries again, then we give up
+            error = exc
+        if delivery < MAX_DELIVERIES:
+            raise error
+        reason = f"{type(error).__name__}: {str(error)[:300]}"
+        log.error("message for run %s failed %d times, giving up: %s", message.run_id, delivery, reason)
+        self.give_up(message, reason)
+        telemetry.record_poison()
+        if poison is not None:
+            poison(body.decode(errors="replace") if isinstance(body, bytes) else body)
+
+    def handle(self, body: bytes | str) -> None:
+        """Process one message. Raises ``PoisonMessage`` for an unreadable one and
+        ``StorageUnavailable`` when storage is down."""
+        self._handle(self._decode(body))
+
+    def give_up(self, message: DispatchMessage, reason: str) -> None:
+        """End the run of ``message`` ``failed`` with ``reason`` (the message failed for good)."""
+        self._run(Facts(message, self.clock(), self.owner, give_up=reason))
+
+    @staticmethod
+    def _decode(body: bytes | str) -> DispatchMessage:
+        try:
+            return DispatchMessage.decode(body)
         except ValueError as exc:
             raise PoisonMessage(f"unreadable dispatch message: {str(exc)[:300]}") from None
+
+    def _handle(self, message: DispatchMessage) -> None:
         attributes = {
             "routine.id": message.routine_id,
             "run.id": message.run_id,
@@ -92,267 +127,151 @@ class Dispatcher:
             "dispatch.kind": message.kind,
         }  # not message.*: Application Insights drops that prefix
         with telemetry.span(f"routines.dispatch.{message.kind}", attributes, message.traceparent):
-            if message.kind == "poll":
-                self._poll(message)
-            else:
-                self._start(message)
+            self._run(Facts(message, self.clock(), self.owner))
 
-    # --- fire / retry -----------------------------------------------------------------------
-    def _start(self, message: DispatchMessage) -> None:
-        # Wait out an early arrival first, so the routine read below is the state at the fire's time: a
-        # routine disabled, edited or deleted during the wait does not run (guarantee 4).
-        self._wait_until(message.scheduled_for)
-        try:
-            routine, _ = self.store.get_routine(message.routine_id)
-        except NotFound:
-            self._routine_gone(message)
-            return
-        manual = is_manual_run(message.run_id)
-        if not manual and message.kind == "fire" and self._stale(routine, message):
-            self._stale_fire(routine, message)
-            return
-        now = self.clock()
-        if message.kind == "fire" and not manual:
-            run = self._new_run(routine, message, now)
-            slot = SlotWrite(holder=run.id) if self._uses_slot(routine) else None
-            run.progress.holds_slot = slot is not None
-            try:
-                etag = self.store.insert_run(run, slot)
-            except Conflict:
-                self._existing(routine, message)
-                return
-            except SlotTaken:
-                self._overlap(routine, message, None)
-                return
-            if routine.trigger.type == "timer":
-                self._complete_timer(routine.id)
-            self._run_attempt(routine, run, etag, message.traceparent)
-            return
-        self._existing(routine, message)
-
-    def _stale(self, routine: Routine, message: DispatchMessage) -> bool:
-        """Guarantee 4: deleted (handled by the caller), disabled, or rescheduled since enqueued."""
-        if routine.state is RoutineState.disabled or message.routine_version < routine.schedule_version:
-            return True
-        try:
-            expected = schedule.next_fire_after(routine.trigger, message.scheduled_for - timedelta(seconds=1))
-        except schedule.ScheduleError:
-            return True
-        return expected != message.scheduled_for
-
-    def _stale_fire(self, routine: Routine, message: DispatchMessage) -> None:
-        """A stale fire does not start (guarantee 4), but its run may exist already and must still
-        end: one waiting for the overlap slot (buffered, or handed the slot) is cancelled, which
-        releases the slot; one already started goes on like any other (a crashed worker's attempt is
-        taken over after its lease, its retries and polls carry on)."""
-        try:
-            run, etag = self.store.get_run(routine.id, message.run_id)
-        except NotFound:
-            log.info("dropping stale fire %s of routine %s", message.scheduled_for, routine.id)
-            return
-        if run.status is RunStatus.queued:
-            reason = "the routine was disabled or rescheduled before this fire could start"
-            self._finish(routine, run, etag, RunStatus.cancelled, f"cancelled: {reason}")
-        elif not run.status.terminal:
-            self._existing(routine, message)
-
-    def _wait_until(self, when: datetime) -> None:
-        early = (when - self.clock()).total_seconds()
-        if early > 0:
-            self.sleep(min(early, MAX_EARLY_WAIT))
-
-    def _new_run(self, routine: Routine, message: DispatchMessage, now: datetime) -> Run:
-        return Run(
-            id=message.run_id,
-            routine_id=routine.id,
-            trigger=RunTrigger(routine.trigger.type),
-            scheduled_for=message.scheduled_for,
-            status=RunStatus.running,
-            attempt=1,
-            max_attempts=routine.retry_policy.max_attempts,
-            started_at=now,
-            idempotency_key=idempotency_key(routine.id, message.scheduled_for),
-            trace_id=telemetry.current_trace_id(),
-            actions=[ActionResult(index=i) for i in range(len(routine.actions))],
-            progress=RunProgress(
-                lease_owner=self.owner,
-                lease_until=self._lease_end(routine, now),
-                routine_version=message.routine_version,
-                attempt_started_at=now,
-            ),
-        )
-
-    def _lease_end(self, routine: Routine, now: datetime) -> datetime:
-        return now + timedelta(seconds=routine.timeout_seconds) + LEASE_MARGIN
-
-    @staticmethod
-    def _uses_slot(routine: Routine) -> bool:
-        return routine.overlap_policy is not OverlapPolicy.allow_all
-
-    def _routine_gone(self, message: DispatchMessage) -> None:
-        """A deleted routine's scheduled fires are dropped; a run already recorded (manual, buffered,
-        retrying) is closed as cancelled so nothing stays open."""
-        try:
-            run, etag = self.store.get_run(message.routine_id, message.run_id)
-        except NotFound:
-            log.info("dropping fire of deleted routine %s", message.routine_id)
-            return
-        if not run.status.terminal:
-            self._finish(None, run, etag, RunStatus.cancelled, "the routine was deleted")
-
-    def _existing(self, routine: Routine, message: DispatchMessage) -> None:
-        """A redelivery, a duplicate, a retry, or a run recorded before its message (manual, buffered).
-
-        A redelivery may follow a crash (or a queue outage) between a run write and the message that
-        carries the run on (poll, retry, release of a buffered fire) or the timer's completion: it
-        does that step again. Duplicates of those are harmless, every step being etag-conditional."""
-        run, etag = self.store.get_run(routine.id, message.run_id)
-        now = self.clock()
-        timer_fire = message.kind == "fire" and run.trigger is RunTrigger.timer
-        if timer_fire and routine.state is RoutineState.enabled:
-            self._complete_timer(routine.id)
-        if run.status.terminal:
-            self._resume_handover(routine.id, run)
-            return
-        if message.attempt < max(run.attempt, 1):
-            return  # a message of an earlier attempt
-        progress = run.progress
-        if run.status is RunStatus.running and run.attempt == message.attempt:
-            if progress.poll is not None:
-                if message.kind != "poll":  # the start's own message again: its first poll may be lost
-                    self.queue.send(self._message(run, "poll"), MIN_POLL_SECONDS)
-                return  # started; its poll messages drive it from here
-            if progress.lease_until and progress.lease_until > now:
-                # Someone holds this attempt. Come back when the lease ends: if they crashed, the
-                # attempt is taken over then; if not, the run will be finished and this is a no-op.
-                wait = (progress.lease_until - now).total_seconds() + 1
-                self.queue.send(message, wait)
-                return
-        elif run.status is RunStatus.retrying:
-            if message.attempt == run.attempt:  # the failed attempt's message again: its retry may be lost
-                retry_message = self._message(run, "retry").model_copy(update={"attempt": run.attempt + 1})
-                self.queue.send(retry_message, delay_until(run.next_attempt_at or now, now))
-                return
-            if message.attempt != run.attempt + 1:
-                return
-            if run.next_attempt_at and run.next_attempt_at > now + timedelta(seconds=MAX_EARLY_WAIT):
-                self.queue.send(message, (run.next_attempt_at - now).total_seconds())
-                return
-            if run.next_attempt_at:
-                self._wait_until(run.next_attempt_at)  # surfaced early (whole-second delays): wait it out
-        elif run.status is not RunStatus.queued:
-            return
-        self._claim(routine, run, etag, message)
-
-    def _claim(self, routine: Routine, run: Run, etag: str, message: DispatchMessage) -> None:
-        now = self.clock()
-        slot = None
-        if run.status is RunStatus.queued and self._uses_slot(routine):
-            if not run.progress.holds_slot:
-                slot = SlotWrite(holder=run.id)
-            else:
-                # Handed the slot, or only buffered behind its holder (a duplicate of a buffered fire's
-                # message must not start it early): only the holder may start.
-                current = self.store.get_slot(routine.id)
-                if current is None:
-                    slot = SlotWrite(holder=run.id)
-                elif current.holder != run.id:
-                    self._overlap(routine, message, (run, etag))
+    # --- the loop ---------------------------------------------------------------------------
+    def _run(self, facts: Facts) -> None:
+        for _ in range(MAX_STEPS):
+            step = decide.next_step(facts)
+            if isinstance(step, decide.Load):
+                facts = self._load(facts, step.what)
+            elif isinstance(step, decide.Wait):
+                self.sleep(step.seconds)
+                facts = dataclasses.replace(facts, now=self.clock())
+            elif isinstance(step, decide.Done):
+                if step.why == decide.STALE:  # guarantee 4, and the soak reads this line
+                    m = facts.message
+                    log.info("dropping stale fire %s of routine %s", m.scheduled_for, m.routine_id)
+                called = None
+                for effect in step.effects:
+                    called = self._perform(facts, effect)
+                    if called is not None:
+                        break  # an agent call: decide on its answer
+                if called is None:
                     return
-        claimed = run.model_copy(deep=True)
-        claimed.status = RunStatus.running
-        claimed.attempt = message.attempt
-        claimed.next_attempt_at = None
-        claimed.started_at = claimed.started_at or now
-        claimed.trace_id = claimed.trace_id or telemetry.current_trace_id()
-        if not claimed.actions:
-            claimed.actions = [ActionResult(index=i) for i in range(len(routine.actions))]
-        claimed.progress.lease_owner = self.owner
-        claimed.progress.lease_until = self._lease_end(routine, now)
-        claimed.progress.attempt_started_at = now
-        claimed.progress.holds_slot = claimed.progress.holds_slot or slot is not None
-        try:
-            new_etag = self.store.replace_run(claimed, etag, slot)
-        except PreconditionFailed:
-            return  # another worker moved this run first; its own messages carry on
-        except SlotTaken:
-            self._overlap(routine, message, (run, etag))
-            return
-        self._run_attempt(routine, claimed, new_etag, message.traceparent)
-
-    # --- overlap ----------------------------------------------------------------------------
-    def _overlap(self, routine: Routine, message: DispatchMessage, existing: tuple[Run, str] | None) -> None:
-        """The slot is held. Take it over if its holder is finished or abandoned; otherwise skip the
-        fire, or buffer it (``buffer_one``, one waiting fire at most)."""
-        now = self.clock()
-        slot = self.store.get_slot(routine.id)
-        if slot is None:
-            self.queue.send(message, 0)  # released meanwhile: try again from the top
-            return
-        try:
-            holder, _ = self.store.get_run(routine.id, slot.holder)
-            holder_active = not holder.status.terminal and not self._abandoned(holder, now)
-        except NotFound:
-            holder_active = False
-        run = existing[0] if existing else self._new_run(routine, message, now)
-        if not holder_active:
-            run.progress.holds_slot = True
-            write = SlotWrite(
-                holder=run.id, buffered=None if slot.buffered == run.id else slot.buffered, etag=slot.etag
-            )
-            run.status, run.attempt = RunStatus.queued, 0
-            self._write_overlap(run, existing, write)
-            self.queue.send(message, 0)
-            return
-        if routine.overlap_policy is OverlapPolicy.buffer_one and slot.buffered in (None, run.id):
-            run.status, run.attempt, run.started_at = RunStatus.queued, 0, None
-            run.progress = RunProgress(routine_version=message.routine_version, holds_slot=True)
-            self._write_overlap(run, existing, SlotWrite(holder=slot.holder, buffered=run.id, etag=slot.etag))
-            return
-        run.status, run.attempt, run.ended_at = RunStatus.skipped, 0, now
-        run.started_at = None
-        run.progress = RunProgress()
-        run.error_message = (
-            f"skipped: run {slot.holder} of this routine was still running (overlap_policy "
-            f"{routine.overlap_policy.value})"
-        )
-        self._write_overlap(run, existing, None)
-        telemetry.record_run_finished("skipped", run.trigger.value)
-
-    def _write_overlap(self, run: Run, existing: tuple[Run, str] | None, slot: SlotWrite | None) -> None:
-        try:
-            if existing:
-                self.store.replace_run(run, existing[1], slot)
+                facts = called
             else:
-                self.store.insert_run(run, slot)
-        except (Conflict, PreconditionFailed, SlotTaken):
-            # Lost a race with another delivery or a slot change: let the message come round again.
-            self.queue.send(
-                DispatchMessage(
-                    kind="fire",
-                    routine_id=run.routine_id,
-                    scheduled_for=run.scheduled_for,
-                    routine_version=run.progress.routine_version or 1,
-                    attempt=1,
-                    run_id=run.id,
-                    traceparent=telemetry.current_traceparent(),
-                ),
-                1,
+                next_facts = self._write(facts, step)
+                if next_facts is None:
+                    return
+                facts = next_facts
+        log.warning("run %s: undecided after %d steps; trying again shortly", facts.message.run_id, MAX_STEPS)
+        self.queue.send(facts.message, 1)
+
+    def _load(self, facts: Facts, what: str) -> Facts:
+        m = facts.message
+        if what == "routine":
+            try:
+                routine: Routine | None = self.store.get_routine(m.routine_id)[0]
+            except NotFound:
+                routine = None
+            return dataclasses.replace(facts, routine=routine)
+        if what == "run":
+            try:
+                run, etag = self.store.get_run(m.routine_id, m.run_id)
+                return dataclasses.replace(facts, run=run, etag=etag)
+            except NotFound:
+                return dataclasses.replace(facts, run=None, etag=None)
+        if what == "slot":
+            return dataclasses.replace(facts, slot=self.store.get_slot(m.routine_id), holder=UNKNOWN)
+        holder = decide.holder_id(facts)
+        found: Run | None = None
+        if holder:
+            try:
+                found = self.store.get_run(m.routine_id, holder)[0]
+            except NotFound:
+                found = None
+        return dataclasses.replace(facts, holder=found)
+
+    def _write(self, facts: Facts, step: decide.Write) -> Facts | None:
+        """Write the run, then perform the effects. Returns the facts to go on from, or None when
+        the message is done."""
+        run = step.run
+        if step.why == "claim" and not run.trace_id:
+            run = run.model_copy(update={"trace_id": telemetry.current_trace_id()})
+        try:
+            etag, slot_etag = self._write_run(facts, run, step)
+        except (PreconditionFailed, Conflict):
+            # Another delivery moved the run first (or our own earlier try landed): decide again on
+            # what is there now.
+            fresh = dataclasses.replace(facts, slot=UNKNOWN, holder=UNKNOWN, outcome=None, called=None)
+            return self._load(fresh, "run")
+        except SlotTaken:
+            return dataclasses.replace(facts, slot=UNKNOWN, holder=UNKNOWN, contended=True)
+        if step.slot is not None:
+            # Known only once written: kept in memory, and stored with the run's next write. Only a
+            # slot with nobody buffered in it may be released blind (else the hand-over is needed).
+            run.progress.slot_etag = slot_etag if step.slot.buffered is None else None
+        facts = dataclasses.replace(
+            facts,
+            run=run,
+            etag=etag,
+            slot=UNKNOWN,
+            holder=UNKNOWN,
+            contended=False,
+            outcome=None,
+            called=None,
+        )
+        if run.status.terminal:
+            self._log_finished(run)
+        for effect in step.effects:
+            changed = self._perform(facts, effect)
+            if changed is not None:
+                return changed  # an agent call: decide on its answer
+        return None
+
+    def _write_run(self, facts: Facts, run: Run, step: decide.Write) -> tuple[str, str | None]:
+        """One conditional write. After an agent call (or for a terminal state) a storage blip is
+        retried here: failing would leave the run leased and its agent started again after the
+        lease. A retry that finds the etag moved is decided again on a fresh read (it shows whether
+        the earlier try landed)."""
+        pauses = OUTCOME_WRITE_PAUSES if facts.outcome is not None or run.status.terminal else ()
+        for pause in (*pauses, None):
+            try:
+                return self.store.write_run(run, step.etag, step.slot)
+            except StorageUnavailable:
+                if pause is None:
+                    raise
+                self.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- effects ----------------------------------------------------------------------------
+    def _perform(self, facts: Facts, effect: decide.Effect) -> Facts | None:
+        """Perform one effect; an agent call returns the facts holding its answer."""
+        if isinstance(effect, decide.Send):
+            message = effect.message
+            if message.traceparent is None:
+                message = message.model_copy(update={"traceparent": telemetry.current_traceparent()})
+            self.queue.send(message, effect.delay)
+        elif isinstance(effect, decide.StartAgent | decide.PollAgent):
+            return self._call_agent(facts, effect)
+        elif isinstance(effect, decide.CancelAgent):
+            self._cancel_agent(effect.run, facts.now)
+        elif isinstance(effect, decide.Unwatch):
+            self.store.unwatch(effect.routine_id, effect.run_id, effect.up_to_version)
+        elif isinstance(effect, decide.CompleteTimer):
+            fired = effect.fired
+            self._update_routine(effect.routine_id, lambda r, now: lifecycle.complete_timer(r, fired, now))
+        elif isinstance(effect, decide.RecordThread):
+            e = effect
+            self._update_routine(
+                e.routine_id, lambda r, now: lifecycle.record_thread(r, e.index, e.old, e.new, now)
             )
+        elif isinstance(effect, decide.Finished):
+            run = facts.run if isinstance(facts.run, Run) else None
+            trigger = run.trigger.value if run else None
+            telemetry.record_run_finished(effect.status.value, trigger)
+            telemetry.set_attributes({"run.status": effect.status.value})
+        elif isinstance(effect, decide.Retrying):
+            self._log_failed_attempt(facts, effect)
+        return None
 
-    @staticmethod
-    def _abandoned(run: Run, now: datetime) -> bool:
-        progress = run.progress
-        marks = [m for m in (progress.lease_until, progress.poll_deadline, run.next_attempt_at) if m]
-        return bool(marks) and max(marks) + ABANDONED_AFTER < now
-
-    # --- running an attempt -----------------------------------------------------------------
-    def _call(self, routine: Routine, run: Run, index: int, traceparent: str | None) -> AgentCall:
-        action = routine.actions[index]
+    def _call(self, run: Run, index: int, now: datetime) -> AgentCall:
+        plan = decide.plan_of(run)
+        action = plan.actions[index]
         override = run.progress.input_override if index == 0 else None
-        started = run.progress.attempt_started_at or self.clock()
         return AgentCall(
-            routine_id=routine.id,
+            routine_id=run.routine_id,
             run_id=run.id,
             # Each action of a fire is its own agent call: later actions get their own stable key.
             idempotency_key=run.idempotency_key if index == 0 else f"{run.idempotency_key}/{index}",
@@ -366,304 +285,51 @@ class Dispatcher:
             agent_version=action.agent_version,
             thread_id=action.thread_id if isinstance(action, ResponseAction) else None,
             max_thread_messages=action.max_thread_messages if isinstance(action, ResponseAction) else None,
-            traceparent=traceparent or telemetry.current_traceparent(),
-            deadline=started + timedelta(seconds=routine.timeout_seconds),
-        )
-
-    def _run_attempt(self, routine: Routine, run: Run, etag: str, traceparent: str | None) -> None:
-        """Start the actions from ``progress.action_index`` until one is pending or all are done."""
-        telemetry.set_attributes({"routine.name": routine.name})
-        if run.attempt == 1 and run.progress.action_index == 0 and run.trigger is not RunTrigger.manual:
-            lag = (self.clock() - run.scheduled_for).total_seconds()
-            telemetry.record_dispatch_lag(lag, run.trigger.value)
-        max_age = routine.retry_policy.max_age_seconds
-        if max_age is not None and self.clock() > run.scheduled_for + timedelta(seconds=max_age):
-            self._finish(
-                routine,
-                run,
-                etag,
-                RunStatus.failed,
-                f"attempt {run.attempt} not started: more than max_age_seconds ({max_age}s) after "
-                f"the scheduled time",
-            )
-            return
-        while run.progress.action_index < len(routine.actions):
-            index = run.progress.action_index
-            call = self._call(routine, run, index, traceparent)
-            try:
-                with telemetry.span("routines.agent.start", telemetry.call_attributes(call, routine.name)):
-                    outcome = self.backend.start(telemetry.with_traceparent(call))  # the agent span's context
-            except AgentError as exc:
-                self._failed_attempt(routine, run, etag, index, exc)
-                return
-            if not outcome.done:
-                self._pending(routine, run, etag, index, outcome)
-                return
-            run = self._action_done(routine, run, index, outcome)
-        self._finish(routine, run, etag, RunStatus.succeeded, None)
-
-    def _action_done(self, routine: Routine, run: Run, index: int, outcome: AgentOutcome) -> Run:
-        run = run.model_copy(deep=True)
-        result = run.actions[index]
-        result.status = RunStatus.succeeded
-        result.output = truncate_output(outcome.output)
-        result.thread_id = outcome.thread_id or result.thread_id
-        result.agent_run_id = outcome.agent_run_id or result.agent_run_id
-        result.error_message = None
-        run.progress.action_index = index + 1
-        run.progress.poll = None
-        run.progress.poll_deadline = None
-        action = routine.actions[index]
-        if isinstance(action, ResponseAction) and outcome.thread_id and outcome.thread_id != action.thread_id:
-            self._record_thread(routine.id, index, action.thread_id, outcome.thread_id)
-        return run
-
-    def _pending(self, routine: Routine, run: Run, etag: str, index: int, outcome: AgentOutcome) -> None:
-        pending = run.model_copy(deep=True)
-        result = pending.actions[index]
-        result.status = RunStatus.running
-        result.thread_id = outcome.thread_id or result.thread_id
-        result.agent_run_id = outcome.agent_run_id or result.agent_run_id
-        pending.progress.poll = outcome.handle or {}
-        pending.progress.poll_deadline = self._call(routine, pending, index, None).deadline
-        pending.progress.lease_owner, pending.progress.lease_until = None, None
-        try:
-            self.store.replace_run(pending, etag)
-        except PreconditionFailed:
-            log.warning("run %s changed while its agent started; leaving it to the other worker", run.id)
-            return
-        self.queue.send(self._message(pending, "poll"), self._poll_delay(pending, outcome))
-
-    def _poll_delay(self, run: Run, outcome: AgentOutcome) -> float:
-        """Back off as the run goes on, so the number of polls grows with the log of its duration,
-        not linearly; never less than the agent's own hint, never much past the deadline."""
-        now = self.clock()
-        elapsed = (now - (run.progress.attempt_started_at or now)).total_seconds()
-        delay = max(MIN_POLL_SECONDS, outcome.poll_after, min(MAX_POLL_SECONDS, elapsed * POLL_BACKOFF))
-        if run.progress.poll_deadline:
-            delay = min(delay, max(MIN_POLL_SECONDS, (run.progress.poll_deadline - now).total_seconds() + 1))
-        return delay
-
-    def _poll(self, message: DispatchMessage) -> None:
-        try:
-            run, etag = self.store.get_run(message.routine_id, message.run_id)
-        except NotFound:
-            return
-        if run.status.terminal and run.attempt == message.attempt:
-            self._resume_handover(run.routine_id, run)  # a poll that finished the run, redelivered
-            return
-        if run.status is not RunStatus.running or run.attempt != message.attempt or run.progress.poll is None:
-            return  # finished, or moved on: a stale poll
-        try:
-            routine, _ = self.store.get_routine(run.routine_id)
-        except NotFound:
-            self._finish(None, run, etag, RunStatus.cancelled, "the routine was deleted while its agent ran")
-            return
-        index = run.progress.action_index
-        call = self._call(routine, run, index, message.traceparent)
-        now = self.clock()
-        try:
-            with telemetry.span("routines.agent.poll", telemetry.call_attributes(call, routine.name)):
-                call = telemetry.with_traceparent(call)  # the agent sees the poll span as the caller
-                if run.progress.poll_deadline and now >= run.progress.poll_deadline:
-                    self.backend.cancel(call, run.progress.poll)
-                    raise AgentError(
-                        f"timed out after {routine.timeout_seconds}s (timeout_seconds); cancelled",
-                        retriable=True,
-                    )
-                outcome = self.backend.poll(call, run.progress.poll)
-        except AgentError as exc:
-            self._failed_attempt(routine, run, etag, index, exc)
-            return
-        if not outcome.done:
-            self.queue.send(message, self._poll_delay(run, outcome))
-            return
-        run = self._action_done(routine, run, index, outcome)
-        if run.progress.action_index >= len(routine.actions):
-            self._finish(routine, run, etag, RunStatus.succeeded, None)
-            return
-        # More actions: claim the next start like a new attempt, so a duplicated poll cannot start it twice.
-        run.progress.lease_owner = self.owner
-        run.progress.lease_until = self._lease_end(routine, now)
-        try:
-            etag = self.store.replace_run(run, etag)
-        except PreconditionFailed:
-            return
-        self._run_attempt(routine, run, etag, message.traceparent)
-
-    # --- endings ----------------------------------------------------------------------------
-    def _failed_attempt(self, routine: Routine, run: Run, etag: str, index: int, exc: AgentError) -> None:
-        telemetry.attempt_failed(str(exc), exc.retriable)
-        log.warning(
-            "run %s of routine %s: attempt %d failed (%s): %s",
-            run.id,
-            routine.id,
-            run.attempt,
-            "retriable" if exc.retriable else "not retriable",
-            str(exc)[:300],
-            extra=telemetry.run_attributes(routine.id, run.id, run.attempt, routine.name),
-        )
-        now = self.clock()
-        failed = run.model_copy(deep=True)
-        failed.actions[index].status = RunStatus.failed
-        failed.actions[index].error_message = str(exc)[:1000]
-        failed.error_message = f"attempt {run.attempt}: {str(exc)[:1000]}"
-        decision = retry.decide(
-            routine.retry_policy, run.attempt, exc.retriable, exc.retry_after, run.scheduled_for, now
-        )
-        if not decision.retry:
-            if exc.retriable:
-                failed.error_message += f" (no retry: {decision.reason})"
-            self._finish(routine, failed, etag, RunStatus.failed, failed.error_message)
-            return
-        failed.status = RunStatus.retrying
-        failed.next_attempt_at = now + timedelta(seconds=decision.delay_seconds)
-        failed.progress.poll = None
-        failed.progress.poll_deadline = None
-        failed.progress.lease_owner, failed.progress.lease_until = None, None
-        try:
-            self.store.replace_run(failed, etag)
-        except PreconditionFailed:
-            return
-        telemetry.record_retry(run.trigger.value)
-        next_attempt = self._message(failed, "retry")
-        self.queue.send(next_attempt.model_copy(update={"attempt": run.attempt + 1}), decision.delay_seconds)
-
-    def _finish(
-        self, routine: Routine | None, run: Run, etag: str, status: RunStatus, error: str | None
-    ) -> None:
-        now = self.clock()
-        final = run.model_copy(deep=True)
-        final.status = status
-        final.ended_at = now
-        final.next_attempt_at = None
-        final.error_message = error
-        holds_slot = final.progress.holds_slot
-        final.progress = RunProgress(action_index=final.progress.action_index)
-        buffered: str | None = None
-        slot_write = None
-        if holds_slot:
-            slot = self.store.get_slot(run.routine_id)
-            if slot and slot.holder == run.id:
-                buffered = slot.buffered
-                slot_write = SlotWrite(holder=buffered, buffered=None, etag=slot.etag)
-        try:
-            self._write_final(final, etag, slot_write)
-        except PreconditionFailed:
-            log.warning("run %s changed before it could be finished; leaving it", run.id)
-            return
-        except SlotTaken:
-            # A fire was buffered meanwhile: read the slot again and hand it over.
-            self._finish(routine, run, etag, status, error)
-            return
-        telemetry.record_run_finished(status.value, run.trigger.value)
-        telemetry.set_attributes({"run.status": status.value})
-        name = routine.name if routine else None
-        fields = telemetry.run_attributes(run.routine_id, run.id, run.attempt, name)
-        log.info("run %s of routine %s: %s", run.id, run.routine_id, status.value, extra=fields)
-        if buffered:
-            self._release_buffered(run.routine_id, buffered)
-
-    def _write_final(self, final: Run, etag: str, slot_write: SlotWrite | None) -> None:
-        """The outcome write, retried through a short storage blip (it is etag-conditional, so a retry
-        is safe): failing here would leave the run leased and its agent started again after the lease.
-        A retry that finds the etag moved checks whether the earlier try landed after all."""
-        for pause in (*FINISH_RETRY_PAUSES, None):
-            try:
-                self.store.replace_run(final, etag, slot_write)
-                return
-            except StorageUnavailable:
-                if pause is None:
-                    raise
-                self.sleep(pause)
-            except PreconditionFailed:
-                current, _ = self.store.get_run(final.routine_id, final.id)
-                if current.status is final.status and current.ended_at == final.ended_at:
-                    return  # our earlier try was written; only its answer was lost
-                raise
-
-    def _release_buffered(self, routine_id: str, run_id: str) -> None:
-        try:
-            waiting, _ = self.store.get_run(routine_id, run_id)
-        except NotFound:
-            return
-        self.queue.send(
-            DispatchMessage(
-                kind="fire",
-                routine_id=routine_id,
-                scheduled_for=waiting.scheduled_for,
-                routine_version=waiting.progress.routine_version or 1,
-                attempt=1,
-                run_id=run_id,
-                traceparent=telemetry.current_traceparent(),
-            ),
-            0,
-        )
-
-    def _resume_handover(self, routine_id: str, run: Run) -> None:
-        """A message of the finished ``run`` came again. If the run handed the slot to a waiting one,
-        the release message of that one may have been lost to a crash right after the hand-over:
-        send it again (a duplicate release is harmless, the claim being etag-conditional)."""
-        slot = self.store.get_slot(routine_id)
-        if slot is None or slot.holder == run.id:
-            return
-        try:
-            waiting, _ = self.store.get_run(routine_id, slot.holder)
-        except NotFound:
-            return
-        if waiting.status is RunStatus.queued and waiting.progress.holds_slot:
-            self._release_buffered(routine_id, waiting.id)
-
-    def _message(self, run: Run, kind: Literal["fire", "retry", "poll"]) -> DispatchMessage:
-        return DispatchMessage(
-            kind=kind,
-            routine_id=run.routine_id,
-            scheduled_for=run.scheduled_for,
-            routine_version=run.progress.routine_version or 1,
-            attempt=run.attempt,
-            run_id=run.id,
             traceparent=telemetry.current_traceparent(),
+            deadline=decide.call_deadline(run, now),
         )
 
-    # --- routine side effects ---------------------------------------------------------------
-    def _complete_timer(self, routine_id: str) -> None:
-        self._update_routine(
-            routine_id,
-            lambda r: (
-                r.model_copy(
-                    update={
-                        "state": RoutineState.completed,
-                        "next_fire_at": None,
-                        "due_at": None,
-                        "version": r.version + 1,
-                    }
-                )
-                if r.state is RoutineState.enabled and r.trigger.type == "timer"
-                else None
-            ),
-        )
+    def _call_agent(self, facts: Facts, effect: decide.StartAgent | decide.PollAgent) -> Facts:
+        assert isinstance(facts.run, Run)
+        run, index = facts.run, effect.index
+        plan = decide.plan_of(run)
+        telemetry.set_attributes({"routine.name": plan.name})
+        starting = isinstance(effect, decide.StartAgent)
+        if starting and run.attempt == 1 and index == 0 and run.trigger is not RunTrigger.manual:
+            telemetry.record_dispatch_lag((facts.now - run.scheduled_for).total_seconds(), run.trigger.value)
+        call = self._call(run, index, facts.now)
+        name = "routines.agent.start" if starting else "routines.agent.poll"
+        outcome: AgentOutcome | AgentError
+        try:
+            with telemetry.span(name, telemetry.call_attributes(call, plan.name)):
+                call = telemetry.with_traceparent(call)  # the agent sees this span as its caller
+                if starting:
+                    outcome = self.backend.start(call)
+                else:
+                    outcome = self.backend.poll(call, run.progress.poll or {})
+        except AgentError as exc:
+            outcome = exc
+        if isinstance(outcome, AgentOutcome):
+            outcome = dataclasses.replace(outcome, output=truncate_output(outcome.output))
+        return dataclasses.replace(facts, now=self.clock(), called=index, outcome=outcome)
 
-    def _record_thread(self, routine_id: str, index: int, old: str | None, new: str) -> None:
-        def change(routine: Routine) -> Routine | None:
-            action = routine.actions[index] if index < len(routine.actions) else None
-            if not isinstance(action, ResponseAction) or action.thread_id != old:
-                return None  # edited meanwhile: the user's change wins
-            actions = list(routine.actions)
-            actions[index] = action.model_copy(update={"thread_id": new})
-            return routine.model_copy(update={"actions": actions, "version": routine.version + 1})
+    def _cancel_agent(self, run: Run, now: datetime) -> None:
+        if run.progress.poll is None or run.progress.plan is None:
+            return
+        try:
+            self.backend.cancel(self._call(run, run.progress.action_index, now), run.progress.poll)
+        except Exception:  # best effort by contract; a backend bug must not keep the run open
+            log.exception("cancelling the agent run of run %s failed", run.id)
 
-        self._update_routine(routine_id, change)
-
-    def _update_routine(self, routine_id: str, change: Callable[[Routine], Routine | None]) -> None:
+    def _update_routine(self, routine_id: str, change: Callable[[Routine, datetime], Routine | None]) -> None:
         for _ in range(5):
             try:
                 routine, etag = self.store.get_routine(routine_id)
             except NotFound:
                 return
-            updated = change(routine)
+            updated = change(routine, self.clock())
             if updated is None:
                 return
-            updated.updated_at = self.clock()
             try:
                 self.store.replace_routine(updated, etag, routine)
                 return
@@ -671,3 +337,26 @@ class Dispatcher:
                 continue
             except NotFound:
                 return
+
+    # --- telemetry --------------------------------------------------------------------------
+    def _log_finished(self, run: Run) -> None:
+        name = run.progress.plan.name if run.progress.plan else None
+        fields = telemetry.run_attributes(run.routine_id, run.id, run.attempt, name)
+        log.info("run %s of routine %s: %s", run.id, run.routine_id, run.status.value, extra=fields)
+
+    def _log_failed_attempt(self, facts: Facts, effect: decide.Retrying) -> None:
+        telemetry.attempt_failed(effect.error, effect.retriable)
+        run = facts.run if isinstance(facts.run, Run) else None
+        if run is None:
+            return
+        if effect.retry:
+            telemetry.record_retry(run.trigger.value)
+        log.warning(
+            "run %s of routine %s: attempt %d failed (%s): %s",
+            run.id,
+            run.routine_id,
+            run.attempt,
+            "retriable" if effect.retriable else "not retriable",
+            effect.error[:300],
+            extra=telemetry.run_attributes(run.routine_id, run.id, run.attempt, None),
+        )

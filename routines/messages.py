@@ -14,11 +14,13 @@ from pydantic import Field
 from routines.models import Model, UtcDatetime
 
 MAX_MESSAGE_BYTES = 8 * 1024
+MAX_DELAY_SECONDS = 7 * 86400 - 1  # Azure Queues refuse a visibility delay of 7 days or more
 
 
 class DispatchMessage(Model):
-    """One fire (``fire``), one retry of it (``retry``) or one status check (``poll``). Inputs stay
-    in Table Storage; the message only names the fire."""
+    """One fire (``fire``), one retry of it (``retry``; also the start of a queued run: buffered,
+    manual, coalesced) or one status check (``poll``). Inputs stay in Table Storage; the message only
+    names the fire."""
 
     v: Literal[1] = 1
     kind: Literal["fire", "retry", "poll"]
@@ -97,7 +99,10 @@ class MemoryQueue:
 
 
 def whole_seconds(delay: float) -> int:
-    return max(0, math.floor(delay))
+    """A visibility delay as the queue takes it: whole seconds, within 0 and ``MAX_DELAY_SECONDS``."""
+    if not math.isfinite(delay):
+        return 0 if delay < 0 else MAX_DELAY_SECONDS
+    return int(min(MAX_DELAY_SECONDS, max(0, math.floor(delay))))
 
 
 def delay_until(when: datetime, now: datetime) -> float:

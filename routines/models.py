@@ -349,9 +349,33 @@ class ActionResult(Model):
     error_message: str | None = None
 
 
+class RunPlan(Model):
+    """What a run executes, copied from its routine when its first attempt is claimed: an edit of the
+    routine during the run never changes the run (it finishes with this snapshot)."""
+
+    version: int
+    name: str
+    actions: list[Action]
+    retry_policy: RetryPolicy
+    timeout_seconds: int
+    overlap_policy: OverlapPolicy
+
+    @classmethod
+    def of(cls, routine: Routine) -> RunPlan:
+        return cls(
+            version=routine.version,
+            name=routine.name,
+            actions=list(routine.actions),
+            retry_policy=routine.retry_policy,
+            timeout_seconds=routine.timeout_seconds,
+            overlap_policy=routine.overlap_policy,
+        )
+
+
 class RunProgress(Model):
     """Dispatcher bookkeeping, never shown in the API: the attempt lease and the pending agent call."""
 
+    plan: RunPlan | None = None
     lease_owner: str | None = None
     lease_until: UtcDatetime | None = None
     action_index: int = 0
@@ -360,7 +384,10 @@ class RunProgress(Model):
     input_override: str | dict[str, Any] | None = None
     routine_version: int | None = None
     holds_slot: bool = False  # this run holds the routine's overlap slot and must release it
+    slot_etag: str | None = None  # the slot row as this run last wrote it: released without a read
     attempt_started_at: UtcDatetime | None = None  # the timeout runs from here
+    polled_at: UtcDatetime | None = None  # last heartbeat of the poll chain (the repair pass reads it)
+    handed_to: str | None = None  # a finished run: the buffered run it handed the overlap slot to
 
 
 class Run(Model):
@@ -378,6 +405,7 @@ class Run(Model):
     actions: list[ActionResult] = Field(default_factory=list)
     error_message: str | None = None
     trace_id: str | None = None
+    coalesced_fires: int = 0  # fires a late tick or catch-up folded into this run (besides its own)
     progress: RunProgress = Field(default_factory=RunProgress, exclude=True)
 
     def public(self) -> dict[str, Any]:
@@ -391,6 +419,17 @@ def run_id_for(scheduled_for: datetime, discriminator: str) -> str:
     """Run ids sort newest first (inverted milliseconds), so they double as the run table's row key."""
     ms = int(scheduled_for.timestamp() * 1000)
     return f"run_{_EPOCH_LIMIT_MS - ms:013d}_{discriminator}"
+
+
+def run_time(run_id: str) -> datetime | None:
+    """The instant a run id was made for (``run_id_for``), or None for an id of another shape."""
+    parts = run_id.split("_")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    try:
+        return datetime.fromtimestamp((_EPOCH_LIMIT_MS - int(parts[1])) / 1000, UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def scheduled_run_id(routine_id: str, scheduled_for: datetime) -> str:

@@ -49,13 +49,16 @@ def blob_archiver(settings: Settings) -> Archiver | None:
 
 
 def purge(store: Store, settings: Settings, now: datetime, archive: Archiver | None = None) -> int:
-    """Delete runs scheduled before ``now - retention``; archive each batch first when configured.
+    """Delete finished runs scheduled before ``now - retention``; archive each batch first when
+    configured.
     Returns how many were deleted. A failure part-way leaves the rest for the next day."""
     archive = archive or blob_archiver(settings)
     cutoff = now - timedelta(days=settings.run_retention_days)
     name = f"runs-{now:%Y-%m-%d}.jsonl"
     total = 0
-    for batch in _batches(store.runs_scheduled_before(cutoff), BATCH):
+    # A run still going (a long retry back-off, an approval) is kept until it ends, however old.
+    ended = (run for run in store.runs_scheduled_before(cutoff) if run.status.terminal)
+    for batch in _batches(ended, BATCH):
         if archive:
             archive(name, [r.public() for r in batch])
         total += store.delete_runs(batch)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from routines.models import RetryPolicy
+
+MAX_RETRY_DELAY_SECONDS = 7 * 86400  # Azure Queues refuse a longer visibility delay
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,15 @@ def decide(
     rng: random.Random | None = None,
 ) -> RetryDecision:
     """Retry when the error is retriable, attempts remain and the next attempt would start within
-    ``max_age_seconds`` of the scheduled time. The delay honours ``Retry-After`` (the larger wins)."""
+    ``max_age_seconds`` of the scheduled time. The delay honours ``Retry-After`` (the larger wins),
+    which is capped at 7 days (the queue's limit; ``max_age_seconds`` bounds it further), and a
+    hint that is not a finite number is ignored."""
     if not retriable:
         return RetryDecision(False, reason="not retriable")
     if failed_attempt >= policy.max_attempts:
         return RetryDecision(False, reason=f"all {policy.max_attempts} attempts used")
-    delay = max(backoff_delay(policy, failed_attempt, rng), retry_after or 0.0)
+    hint = retry_after if retry_after is not None and math.isfinite(retry_after) else 0.0
+    delay = min(MAX_RETRY_DELAY_SECONDS, max(backoff_delay(policy, failed_attempt, rng), hint, 0.0))
     if policy.max_age_seconds is not None:
         deadline = scheduled_for + timedelta(seconds=policy.max_age_seconds)
         if now + timedelta(seconds=delay) > deadline:

@@ -1,13 +1,15 @@
 """The minute tick and the look-ahead: which fires to enqueue now, and when.
 
-``plan_fires`` is pure (trigger, next fire, catch-up window, ``now``, horizon -> what to do). ``tick``
-and ``schedule_immediately`` do the I/O: enqueue first, then advance the due entry with an
-etag-conditional write, so a crash between the two re-enqueues (the dispatcher dedups by run id)
-and never skips a fire.
+``plan_fires`` and ``plan_immediately`` are pure (trigger, next fire, catch-up window, ``now``,
+horizon -> what to do). ``tick`` does the I/O in the order that loses nothing: one etag-conditional
+transaction advances the due entry and writes a watch for each fire (the outbox), and only then are
+the fires enqueued. A crash after the write leaves watches whose fires the repair pass sends again;
+a fire is never queued before the write that makes it valid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -20,11 +22,13 @@ from datetime import datetime, timedelta
 from pydantic import TypeAdapter
 
 from routines import schedule, telemetry
-from routines.errors import Conflict
+from routines.decide import FIRST_CHECK
+from routines.errors import Conflict, RoutinesError
 from routines.messages import DispatchMessage, DispatchQueue
 from routines.models import (
     Routine,
     Run,
+    RunProgress,
     RunStatus,
     RunTrigger,
     ScheduleTrigger,
@@ -34,14 +38,14 @@ from routines.models import (
     scheduled_run_id,
     utc_text,
 )
-from routines.store import Advance, DueEntry, Store
+from routines.store import Advance, DueEntry, Store, Watch
 
 log = logging.getLogger(__name__)
 
 LOOKAHEAD_MARGIN = timedelta(seconds=10)
 EARLY_SURFACE_SECONDS = 1.0
 TICK_LEASE = timedelta(seconds=50)
-MAX_FIRES_PER_PLAN = 200
+MAX_FIRES_PER_PLAN = 90  # with its 3 due-index rows, one plan's watches fit one 100-row transaction
 SEND_THREADS = 16
 _ONE_SECOND = timedelta(seconds=1)
 _TRIGGER = TypeAdapter(Trigger)
@@ -51,7 +55,7 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 def fire_delay(fire: datetime, now: datetime) -> float:
     """The queue visibility delay of a fire: it surfaces a little ahead of its time, so a worker
     polling at ``maxPollingInterval`` has it in hand when the time comes; the dispatcher waits out
-    the rest before calling the agent (``dispatcher.MAX_EARLY_WAIT``)."""
+    the rest before calling the agent (``decide.MAX_EARLY_WAIT``)."""
     return max(0.0, (fire - now).total_seconds() - EARLY_SURFACE_SECONDS)
 
 
@@ -67,6 +71,7 @@ class FirePlan:
     next_fire_at: datetime | None  # where the due entry moves to
     completed: bool = False  # a timer routine whose fire was missed: done without running
     missed: tuple[int, datetime, datetime] | None = None  # (count, first missed fire, window start)
+    coalesced: int = 0  # past fires folded into the run of ``fires[0]`` (catch-up, a late tick)
 
 
 def plan_fires(
@@ -97,13 +102,19 @@ def plan_fires(
         missed = (count, cursor, window_start)
         cursor = cron.next_after(window_start - timedelta(microseconds=1))
     fires: list[datetime] = []
+    coalesced = 0
     if cursor <= now:
-        fires.append(_latest_fire_at_or_before(cron, cursor, now))
-        cursor = cron.next_after(fires[-1])
+        latest = _latest_fire_at_or_before(cron, cursor, now)
+        if latest > cursor:
+            coalesced = cron.count_fires(
+                cursor - _ONE_SECOND, latest - timedelta(microseconds=1), cap=1_000_000
+            )
+        fires.append(latest)
+        cursor = cron.next_after(latest)
     while cursor < until and len(fires) < MAX_FIRES_PER_PLAN:
         fires.append(cursor)
         cursor = cron.next_after(cursor)
-    return FirePlan(fires, cursor, missed=missed)
+    return FirePlan(fires, cursor, missed=missed, coalesced=coalesced)
 
 
 def _latest_fire_at_or_before(cron: schedule.CronSchedule, first: datetime, now: datetime) -> datetime:
@@ -137,6 +148,33 @@ def fire_message(
             run_id=run_id,
             traceparent=telemetry.current_traceparent(),
         )
+
+
+def watch_for(message: DispatchMessage, trigger: str) -> Watch:
+    """The repair pass's watch of a fire about to be enqueued (``message``)."""
+    return Watch(
+        routine_id=message.routine_id,
+        run_id=message.run_id,
+        scheduled_for=message.scheduled_for,
+        trigger=trigger,
+        version=message.routine_version,
+        check_at=message.scheduled_for + FIRST_CHECK,
+    )
+
+
+def coalesced_run(routine_id: str, fire: datetime, coalesced: int, kind: str, version: int) -> Run:
+    """The run of a fire that stands for ``coalesced`` more (catch-up, or a tick that came late),
+    recorded before its message so the count is on the run that runs (guarantee 1)."""
+    return Run(
+        id=scheduled_run_id(routine_id, fire),
+        routine_id=routine_id,
+        trigger=RunTrigger(kind),
+        scheduled_for=fire,
+        status=RunStatus.queued,
+        idempotency_key=idempotency_key(routine_id, fire),
+        coalesced_fires=coalesced,
+        progress=RunProgress(routine_version=version),
+    )
 
 
 def send_all(queue: DispatchQueue, items: Sequence[tuple[DispatchMessage, float]]) -> None:
@@ -189,8 +227,19 @@ def tick(store: Store, queue: DispatchQueue, now: datetime, owner: str = OWNER) 
             return report
         entries = store.due_entries(horizon(now))
         report.due = len(entries)
-        advances = _schedule_entries(store, queue, entries, now, report)
-        results = store.advance(advances)
+        planned = _schedule_entries(store, entries, now, report)
+        results = store.advance([advance for advance, _ in planned])
+        # Only what was written is sent: an advance that lost its race was moved by someone else,
+        # who enqueues those fires.
+        sends = [
+            send
+            for (_, messages), applied in zip(planned, results, strict=True)
+            if applied
+            for send in messages
+        ]
+        send_all(queue, sends)
+        report.fires = [message for message, _ in sends]
+        report.enqueued = len(sends)
         report.advanced = sum(results)
         report.lost_races = len(results) - report.advanced
         span.set_attribute("tick.due", report.due)
@@ -207,11 +256,12 @@ def tick(store: Store, queue: DispatchQueue, now: datetime, owner: str = OWNER) 
 
 
 def _schedule_entries(
-    store: Store, queue: DispatchQueue, entries: Iterable[DueEntry], now: datetime, report: TickReport
-) -> list[Advance]:
+    store: Store, entries: Iterable[DueEntry], now: datetime, report: TickReport
+) -> list[tuple[Advance, list[tuple[DispatchMessage, float]]]]:
+    """Each entry's advance (with the watches of its fires) and the messages to send once it is
+    written. Missed and coalesced runs are recorded first: a replayed tick finds them."""
     until = horizon(now)
-    sends: list[tuple[DispatchMessage, float]] = []
-    advances: list[Advance] = []
+    planned: list[tuple[Advance, list[tuple[DispatchMessage, float]]]] = []
     for entry in entries:
         try:
             trigger = _TRIGGER.validate_python(entry.trigger)
@@ -226,43 +276,77 @@ def _schedule_entries(
                 telemetry.record_run_finished("missed", trigger.type)
             except Conflict:
                 pass  # recorded by an earlier tick that did not get to advance
-        for fire in plan.fires:
-            message = fire_message(entry.routine_id, fire, entry.schedule_version, trigger.type, entry.name)
-            sends.append((message, fire_delay(fire, now)))
-            report.fires.append(message)
-        advances.append(Advance(entry, plan.next_fire_at, plan.completed))
-    send_all(queue, sends)
-    report.enqueued = len(sends)
-    return advances
+        if plan.coalesced:
+            fire = plan.fires[0]
+            log.info(
+                "routine %s: %d past fires coalesced into the run of %s",
+                entry.routine_id,
+                plan.coalesced,
+                fire,
+            )
+            with contextlib.suppress(Conflict):  # recorded by an earlier tick that did not advance
+                store.insert_run(
+                    coalesced_run(
+                        entry.routine_id, fire, plan.coalesced, trigger.type, entry.schedule_version
+                    )
+                )
+        messages = [
+            (
+                fire_message(entry.routine_id, fire, entry.schedule_version, trigger.type, entry.name),
+                fire_delay(fire, now),
+            )
+            for fire in plan.fires
+        ]
+        watches = tuple(watch_for(message, trigger.type) for message, _ in messages)
+        planned.append((Advance(entry, plan.next_fire_at, plan.completed, watches), messages))
+    return planned
 
 
-def schedule_immediately(routine: Routine, queue: DispatchQueue, now: datetime) -> Routine:
-    """For a routine just created, rescheduled or enabled: compute its next fire from ``now`` and, if
-    that is nearer than the next tick's horizon, enqueue it (and any others before the horizon) at
-    once. In the last ``LOOKAHEAD_MARGIN`` of a minute the horizon is the following tick's. Returns
-    the routine with ``next_fire_at`` set to what the due entry should hold."""
+@dataclass(frozen=True)
+class Immediate:
+    """``plan_immediately``'s answer: the routine to write, the watches to write with it, and the
+    messages to send once that write has landed."""
+
+    routine: Routine
+    watches: tuple[Watch, ...] = ()
+    sends: tuple[tuple[DispatchMessage, float], ...] = ()
+
+
+def plan_immediately(routine: Routine, now: datetime) -> Immediate:
+    """For a routine just created, rescheduled or enabled: its next fire from ``now`` and, if that is
+    nearer than the next tick's horizon, it (and any others before the horizon) to enqueue at once,
+    right after the routine write. In the last ``LOOKAHEAD_MARGIN`` of a minute the horizon is the
+    following tick's. The routine comes back with ``next_fire_at`` and ``due_at`` past those fires."""
     first = schedule.next_fire_after(routine.trigger, now - timedelta(microseconds=1))
     if first is None:
-        return routine.model_copy(update={"next_fire_at": None, "due_at": None})
+        return Immediate(routine.model_copy(update={"next_fire_at": None, "due_at": None}))
     # The due entry is written after this returns, so a tick starting meanwhile does not see it. Near
     # a minute's end, cover the next minute's tick too: else its fires are found late by the tick after
     # and coalesced away.
     until = horizon(now + LOOKAHEAD_MARGIN)
     if first >= until:
-        return routine.model_copy(update={"next_fire_at": first, "due_at": first})
+        return Immediate(routine.model_copy(update={"next_fire_at": first, "due_at": first}))
     plan = plan_fires(routine.trigger, first, routine.catchup_window_seconds, now, until)
-    send_all(
-        queue,
-        [
-            (
-                fire_message(routine.id, fire, routine.schedule_version, routine.trigger.type, routine.name),
-                fire_delay(fire, now),
-            )
-            for fire in plan.fires
-        ],
+    kind = routine.trigger.type
+    sends = tuple(
+        (fire_message(routine.id, fire, routine.schedule_version, kind, routine.name), fire_delay(fire, now))
+        for fire in plan.fires
     )
-    telemetry.record_fires(len(plan.fires), "api")
     shown = plan.next_fire_at
     if shown is None and isinstance(routine.trigger, TimerTrigger) and not plan.completed:
         shown = routine.trigger.at  # enqueued but not yet fired: still shown as the next fire
-    return routine.model_copy(update={"next_fire_at": shown, "due_at": plan.next_fire_at})
+    planned = routine.model_copy(update={"next_fire_at": shown, "due_at": plan.next_fire_at})
+    return Immediate(planned, tuple(watch_for(m, kind) for m, _ in sends), sends)
+
+
+def send_immediate(queue: DispatchQueue, immediate: Immediate) -> None:
+    """Enqueue what ``plan_immediately`` planned, after its routine write landed. A failed send is
+    not an error of the write: the watches make the repair pass send those fires (late, not lost)."""
+    try:
+        send_all(queue, immediate.sends)
+    except RoutinesError as exc:
+        log.warning(
+            "routine %s: near fires not enqueued (%s); the repair pass sends them", immediate.routine.id, exc
+        )
+        return
+    telemetry.record_fires(len(immediate.sends), "api")

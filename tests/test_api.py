@@ -1349,7 +1349,7 @@ def test_patch_retries_a_lost_race_and_keeps_both_changes(client: Client) -> Non
     original = store.replace_routine
     raced: list[bool] = []
 
-    def racing_replace(routine: Any, etag: str, previous: Any) -> str:
+    def racing_replace(routine: Any, etag: str, previous: Any, watches: Any = ()) -> str:
         if not raced:
             raced.append(True)
             current, current_etag = store.get_routine(routine.id)
@@ -1358,7 +1358,7 @@ def test_patch_retries_a_lost_race_and_keeps_both_changes(client: Client) -> Non
                 current_etag,
                 current,
             )
-        return original(routine, etag, previous)
+        return original(routine, etag, previous, watches)
 
     store.replace_routine = racing_replace  # type: ignore[method-assign]
     body = client.patch(f"/api/routines/{rid}", {"timeout_seconds": 60}).body

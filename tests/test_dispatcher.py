@@ -25,15 +25,14 @@ from typing import Any, cast
 import pytest
 from azure.storage.queue import QueueClient, QueueMessage
 
-from routines import dispatcher as dispatcher_module
-from routines import scheduler
+from routines import decide, scheduler
 from routines.agents.base import AgentBackend, AgentCall, AgentOutcome
 from routines.agents.http import HttpAgentBackend
 from routines.api import Api, Request
 from routines.config import Settings
 from routines.dispatcher import Dispatcher, PoisonMessage
 from routines.errors import AgentError, NotFound, StorageUnavailable
-from routines.messages import DispatchMessage, MemoryQueue
+from routines.messages import DispatchMessage, DispatchQueue, MemoryQueue
 from routines.models import (
     InvocationAction,
     Routine,
@@ -53,6 +52,14 @@ from tests.fake_agent import FakeAgent, Reply
 
 TOKEN = "tok-dispatch-5e1d"
 EVERY_SECOND = ScheduleTrigger(type="schedule", cron_expression="* * * * * *")  # any whole second is a fire
+
+
+def schedule_immediately(routine: Routine, queue: DispatchQueue, now: datetime) -> Routine:
+    """What the API does around its routine write, without the write: plan the near fires and send
+    them (the API writes the routine and its watches in between)."""
+    plan = scheduler.plan_immediately(routine, now)
+    scheduler.send_immediate(queue, plan)
+    return plan.routine
 
 
 class Killed(BaseException):
@@ -317,7 +324,7 @@ class DiesAfterStart:
 def test_a_killed_workers_attempt_is_taken_over_after_its_lease_never_before(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dispatcher_module, "LEASE_MARGIN", timedelta(seconds=2))  # lease = 1 s timeout + 2 s
+    monkeypatch.setattr(decide, "LEASE", timedelta(seconds=3))
     routine = rig.routine(timeout_seconds=1)
     message = rig.fire(routine)
     dying = DiesAfterStart(rig.backend)
@@ -697,7 +704,7 @@ def test_a_timer_routine_completes_after_its_fire(rig: Rig) -> None:
     fire = now.replace(microsecond=0) + timedelta(seconds=2)
     routine = rig.routine(trigger=TimerTrigger(type="timer", at=fire))
     current, etag = rig.store.get_routine(routine.id)
-    scheduled = scheduler.schedule_immediately(current, rig.queue, now)
+    scheduled = schedule_immediately(current, rig.queue, now)
     rig.store.replace_routine(scheduled, etag, current)
     [sent] = rig.queue.sent
     assert sent.delay == pytest.approx((fire - now).total_seconds() - scheduler.EARLY_SURFACE_SECONDS)
@@ -808,7 +815,7 @@ def test_a_lost_release_of_a_buffered_fire_is_sent_again_on_redelivery(rig: Rig)
     rig.pump(lambda: rig.status(first) is RunStatus.running)
     second = rig.fire(routine, seconds_ago(1))
     rig.pump(lambda: rig.status(second) is RunStatus.queued)
-    rig.queue.fail_next["fire"] = 1  # the release sent when the first run ends
+    rig.queue.fail_next["retry"] = 1  # the release sent when the first run ends (a retry of attempt 1)
     rig.pump(rig.finished(first, second), visibility=1, timeout=20)
     assert rig.status(first) is rig.status(second) is RunStatus.succeeded
     assert any(d.error == "StorageUnavailable" for d in rig.delivered(first.run_id))
@@ -833,7 +840,7 @@ class FailsReplaceRoutineOnce:
 def test_a_timer_completion_lost_to_a_crash_is_done_on_redelivery(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dispatcher_module, "LEASE_MARGIN", timedelta(seconds=1))
+    monkeypatch.setattr(decide, "LEASE", timedelta(seconds=2))
     fire = datetime.now(UTC).replace(microsecond=0)
     routine = rig.routine(trigger=TimerTrigger(type="timer", at=fire + timedelta(hours=1)), timeout_seconds=1)
     current, etag = rig.store.get_routine(routine.id)

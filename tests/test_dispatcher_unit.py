@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from routines import dispatcher as dispatcher_module
+from routines import decide
 from routines.agents.base import AgentCall, AgentOutcome
 from routines.dispatcher import Dispatcher
 from routines.errors import StorageUnavailable
@@ -24,19 +24,9 @@ from routines.models import (
 )
 from routines.store import SlotWrite
 from routines.store.memory import MemoryStore
+from tests.helpers import Clock
 
 FIRE = datetime(2026, 11, 30, 6, 0, tzinfo=UTC)
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 class SlowAgent:
@@ -44,7 +34,7 @@ class SlowAgent:
 
     def __init__(self, clock: Clock, duration: float) -> None:
         self.clock, self.duration = clock, duration
-        self.starts = self.polls = 0
+        self.starts = self.polls = self.cancels = 0
         self.started: datetime | None = None
 
     def start(self, call: AgentCall) -> AgentOutcome:
@@ -60,7 +50,7 @@ class SlowAgent:
         return AgentOutcome(done=False, handle=handle, poll_after=1.0)
 
     def cancel(self, call: AgentCall, handle: dict[str, Any]) -> None:
-        return None
+        self.cancels += 1
 
 
 def make_routine(
@@ -116,9 +106,7 @@ def handler_calls_for(duration: float) -> int:
     run, _ = store.get_run(routine.id, scheduled_run_id(routine.id, FIRE))
     assert run.status is RunStatus.succeeded and agent.starts == 1
     finished_late = (run.ended_at - FIRE).total_seconds() - duration if run.ended_at else None
-    assert (
-        finished_late is not None and finished_late <= max(1.0, duration * dispatcher_module.POLL_BACKOFF) + 1
-    )
+    assert finished_late is not None and finished_late <= max(1.0, duration * decide.POLL_BACKOFF) + 1
     return calls
 
 
@@ -127,7 +115,7 @@ def test_polls_back_off_so_handler_calls_grow_with_the_log_of_the_agent_run() ->
     assert short <= 3
     assert minute <= 20, minute  # one poll a second would be ~60
     # Geometric until the 30 s cap (MAX_POLL_SECONDS), then one poll per cap: ~600 with fixed polling.
-    assert ten_minutes <= minute + 600 / dispatcher_module.MAX_POLL_SECONDS + 2, (minute, ten_minutes)
+    assert ten_minutes <= minute + 600 / decide.MAX_POLL_SECONDS + 2, (minute, ten_minutes)
 
 
 class BlipStore(MemoryStore):
@@ -137,13 +125,13 @@ class BlipStore(MemoryStore):
         super().__init__()
         self.blips, self.answer_lost = 0, answer_lost
 
-    def replace_run(self, run: Run, etag: str, slot: SlotWrite | None = None) -> str:
+    def write_run(self, run: Run, etag: str | None, slot: SlotWrite | None = None) -> tuple[str, str | None]:
         if run.status.terminal and self.blips == 0:
             self.blips += 1
             if self.answer_lost:  # written, but the reply never came back
-                super().replace_run(run, etag, slot)
+                super().write_run(run, etag, slot)
             raise StorageUnavailable("connection reset")
-        return super().replace_run(run, etag, slot)
+        return super().write_run(run, etag, slot)
 
 
 def test_the_outcome_write_is_retried_through_a_storage_blip() -> None:
@@ -162,7 +150,8 @@ def test_the_outcome_write_is_retried_through_a_storage_blip() -> None:
 
 def test_disabling_a_buffer_one_routine_cancels_its_waiting_run_and_frees_the_slot() -> None:
     """Regression (soak): the hand-over to a buffered run was dropped as stale after a disable,
-    leaving that run queued and the slot held, so every fire after re-enabling was skipped."""
+    leaving that run queued and the slot held, so every fire after re-enabling was skipped. Since
+    disable cancels runs in flight, the running one ends cancelled too (its agent run cancelled)."""
     from routines.api import Api, Request
     from routines.config import Settings, StorageTarget
 
@@ -202,6 +191,12 @@ def test_disabling_a_buffer_one_routine_cancels_its_waiting_run_and_frees_the_sl
         for _, message in queue.take_all():
             if message.run_id in (first.run_id, second.run_id):
                 dispatcher.handle(message.encode())
-    assert store.get_run(rid, first.run_id)[0].status is RunStatus.succeeded
+    # Disable cancels what is in flight: the pending agent run at its next poll, the waiting fire.
+    first_run = store.get_run(rid, first.run_id)[0]
+    assert (first_run.status, first_run.error_message) == (
+        RunStatus.cancelled,
+        "the routine was disabled",
+    )
+    assert agent.cancels == 1
     assert store.get_run(rid, second.run_id)[0].status is RunStatus.cancelled
     assert store.get_slot(rid) is None

@@ -44,6 +44,14 @@ NOW = datetime(2026, 11, 30, 6, 0, 20, tzinfo=UTC)
 UNTIL = horizon(NOW)  # 06:01:10
 
 
+def schedule_immediately(routine: Routine, queue: DispatchQueue, now: datetime) -> Routine:
+    """What the API does around its routine write, without the write: plan the near fires and send
+    them (the API writes the routine and its watches in between)."""
+    plan = scheduler.plan_immediately(routine, now)
+    scheduler.send_immediate(queue, plan)
+    return plan.routine
+
+
 def at(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
@@ -112,7 +120,11 @@ def seconds(first: str, last: str, step: int = 1) -> list[datetime]:
             cron("* * * * *"),
             at("2026-11-30T05:30:00Z"),
             3600,
-            FirePlan([at("2026-11-30T06:00:00Z"), at("2026-11-30T06:01:00Z")], at("2026-11-30T06:02:00Z")),
+            FirePlan(
+                [at("2026-11-30T06:00:00Z"), at("2026-11-30T06:01:00Z")],
+                at("2026-11-30T06:02:00Z"),
+                coalesced=30,
+            ),
             id="catchup_within_window_coalesced_to_latest",
         ),
         pytest.param(
@@ -122,6 +134,7 @@ def seconds(first: str, last: str, step: int = 1) -> list[datetime]:
             FirePlan(
                 [at("2026-11-30T06:00:20Z"), *seconds("2026-11-30T06:00:21Z", "2026-11-30T06:01:09Z")],
                 at("2026-11-30T06:01:10Z"),
+                coalesced=15,
             ),
             id="per_second_catchup_latest_is_now",
         ),
@@ -151,6 +164,7 @@ def seconds(first: str, last: str, step: int = 1) -> list[datetime]:
                 [at("2026-11-30T06:00:00Z"), at("2026-11-30T06:01:00Z")],
                 at("2026-11-30T06:02:00Z"),
                 missed=(1380, at("2026-11-29T06:01:00Z"), at("2026-11-30T05:00:20Z")),
+                coalesced=59,
             ),
             id="down_a_day_minutely_one_missed_record",
         ),
@@ -341,9 +355,13 @@ def test_tick_after_a_day_down_records_one_missed_run_and_runs_the_latest_fire()
     driver = Driver(store, NOW)
     report = driver.tick()
     assert (report.due, report.enqueued, report.missed_records) == (1, 2, 1)
-    runs = runs_of(store, "rt_0000000000000001")
-    assert len(runs) == 1
-    missed = runs[0]
+    coalesced, missed = runs_of(store, "rt_0000000000000001")  # newest first
+    # The 59 fires from the window's start to 06:00 run as one, counted on it (not dropped silently).
+    assert (coalesced.status, coalesced.scheduled_for, coalesced.coalesced_fires) == (
+        RunStatus.queued,
+        at("2026-11-30T06:00:00Z"),
+        59,
+    )
     assert missed.status is RunStatus.missed
     assert missed.scheduled_for == at("2026-11-29T06:01:00Z")
     assert missed.error_message == (
@@ -438,7 +456,7 @@ def test_schedule_immediately_enqueues_fires_before_the_horizon_with_their_dista
     now = at("2026-11-30T06:00:20.300Z")
     routine = make_routine(4, cron("*/5 * * * * *"), None, now)
     queue = MemoryQueue()
-    scheduled = scheduler.schedule_immediately(routine, queue, now)
+    scheduled = schedule_immediately(routine, queue, now)
     fires = seconds("2026-11-30T06:00:25Z", "2026-11-30T06:01:05Z", 5)
     assert [m.scheduled_for for _, m in queue.sent] == fires
     assert [d for d, _ in queue.sent] == [
@@ -453,7 +471,7 @@ def test_schedule_immediately_enqueues_fires_before_the_horizon_with_their_dista
 def test_schedule_immediately_leaves_a_far_fire_to_the_tick() -> None:
     routine = make_routine(5, cron("0 7 * * *"), None)
     queue = MemoryQueue()
-    scheduled = scheduler.schedule_immediately(routine, queue, NOW)
+    scheduled = schedule_immediately(routine, queue, NOW)
     assert queue.sent == []
     assert scheduled.next_fire_at == scheduled.due_at == at("2026-11-30T07:00:00Z")
 
@@ -464,9 +482,7 @@ def test_immediate_then_ticks_cover_every_fire_once_and_on_time() -> None:
     now = at("2026-11-30T06:00:20.300Z")
     store = MemoryStore()
     driver = Driver(store, now)
-    routine = scheduler.schedule_immediately(
-        make_routine(6, cron("*/5 * * * * *"), None, now), driver.queue, now
-    )
+    routine = schedule_immediately(make_routine(6, cron("*/5 * * * * *"), None, now), driver.queue, now)
     store.create_routine(routine)
     for minute in (1, 2, 3):
         driver.run_until(at(f"2026-11-30T06:0{minute}:00.200Z"))
@@ -487,7 +503,7 @@ def test_a_routine_created_as_a_minute_turns_loses_no_fire_to_the_tick_that_miss
     api_now = at("2026-11-30T06:00:59.800Z")
     store = MemoryStore()
     driver = Driver(store, api_now)
-    routine = scheduler.schedule_immediately(
+    routine = schedule_immediately(
         make_routine(12, cron("*/5 * * * * *"), None, api_now), driver.queue, api_now
     )
     assert driver.tick(at("2026-11-30T06:01:00.050Z")).due == 0  # its due query ran before the create
@@ -503,16 +519,14 @@ def test_fire_of_a_rescheduled_routine_is_dropped_without_an_agent_call() -> Non
     now = at("2026-11-30T06:00:20Z")
     store = MemoryStore()
     driver = Driver(store, now)
-    routine = scheduler.schedule_immediately(
-        make_routine(7, cron("*/10 * * * * *"), None, now), driver.queue, now
-    )
+    routine = schedule_immediately(make_routine(7, cron("*/10 * * * * *"), None, now), driver.queue, now)
     store.create_routine(routine)
     old_fires = [m for _, m in driver.queue.sent]
     assert len(old_fires) == 5 and {m.routine_version for m in old_fires} == {1}
 
     current, etag = store.get_routine(routine.id)
     edited = current.model_copy(update={"trigger": cron("0 * * * * *"), "version": 2, "schedule_version": 2})
-    edited = scheduler.schedule_immediately(edited, driver.queue, now)
+    edited = schedule_immediately(edited, driver.queue, now)
     store.replace_routine(edited, etag, current)
 
     driver.run_until(at("2026-11-30T06:01:30Z"))
@@ -528,9 +542,7 @@ def test_fire_of_a_routine_disabled_while_the_fire_waits_out_its_early_arrival_i
     now = at("2026-11-30T06:00:20.100Z")
     store = MemoryStore()
     driver = Driver(store, now)
-    routine = scheduler.schedule_immediately(
-        make_routine(8, cron("30 * * * * *"), None, now), driver.queue, now
-    )
+    routine = schedule_immediately(make_routine(8, cron("30 * * * * *"), None, now), driver.queue, now)
     store.create_routine(routine)
 
     def sleep_then_disable(seconds: float) -> None:
@@ -745,7 +757,7 @@ def test_concurrent_ticks_without_the_lease_lose_no_fire_and_advance_each_entry_
 
 
 class AdvanceFailsOnce:
-    """A store that crashes the first tick between its enqueues and its advance."""
+    """A store that crashes the first tick in its advance (after its missed records)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -763,7 +775,10 @@ class AdvanceFailsOnce:
 
 
 @pytest.mark.parametrize("later", [1, 50], ids=["next_tick_at_once", "next_tick_after_the_fires"])
-def test_crash_between_enqueue_and_advance_re_enqueues_the_same_fires(storage: Storage, later: int) -> None:
+def test_a_tick_that_dies_before_its_advance_enqueues_nothing_and_the_next_sends_each_fire(
+    storage: Storage, later: int
+) -> None:
+    """Write first, then enqueue: a fire is never queued before the write that makes it valid."""
     now = datetime.now(UTC)
     store = storage.store()
     routines = population(20, 5, now)
@@ -775,15 +790,14 @@ def test_crash_between_enqueue_and_advance_re_enqueues_the_same_fires(storage: S
     crashing = cast(Store, AdvanceFailsOnce(store))
     with pytest.raises(StorageUnavailable):
         scheduler.tick(crashing, queue, now, "owner")
-    first = list(queue.sent)
-    assert len(first) == 5 + 2
+    assert queue.sent == [], "nothing enqueued before the advance that makes it valid"
 
     second = scheduler.tick(crashing, queue, now + timedelta(seconds=later), "owner")
     assert second.advanced == 6 and second.missed_records == 0, "the missed record exists already"
-    yearly = {m.run_id for _, m in first if m.routine_id != routines[-1].id}
-    again = {m.run_id for _, m in queue.sent[len(first) :] if m.routine_id != routines[-1].id}
-    assert again == yearly, "the same fires, with the same run ids"
-    assert [r.status for r in runs_of(store, routines[-1].id)] == [RunStatus.missed]
+    assert len({m.run_id for _, m in queue.sent}) == len(queue.sent), "each fire once"
+    yearly = {m.run_id for _, m in queue.sent if m.routine_id != routines[-1].id}
+    assert len(yearly) == 5
+    assert [r.status for r in runs_of(store, routines[-1].id)][-1] is RunStatus.missed
 
     # Every message, duplicates included, through the dispatcher: one run and one agent call per fire.
     clock = Clock(now + timedelta(minutes=2))

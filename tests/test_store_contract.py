@@ -28,7 +28,7 @@ from routines.models import (
     new_routine_id,
     run_id_for,
 )
-from routines.store import Advance, DueEntry, SlotTaken, SlotWrite, Store, codec
+from routines.store import Advance, DueEntry, SlotTaken, SlotWrite, Store, Watch, codec
 from routines.store.memory import MemoryStore
 from routines.store.tables import TableStore
 
@@ -1033,3 +1033,98 @@ def test_hostile_ids_are_not_found(store: Store, bad: str) -> None:
     # Nothing leaked or broke.
     assert store.get_routine(routine.id)[0] == routine
     assert store.get_run(routine.id, run.id)[0] == run
+
+
+# --- watches (the repair pass's index) -------------------------------------------------------------
+
+
+def a_watch(routine_id: str, fire: datetime, check_at: datetime, run_id: str | None = None) -> Watch:
+    return Watch(
+        routine_id=routine_id,
+        run_id=run_id or run_id_for(fire, secrets.token_hex(5)),
+        scheduled_for=fire,
+        trigger="schedule",
+        version=3,
+        check_at=check_at,
+    )
+
+
+def test_watched_returns_only_watches_due_before_the_instant(store: Store) -> None:
+    early, late = a_watch("rt_a", T0, T0 + MINUTE), a_watch("rt_b", T0, T0 + 10 * MINUTE)
+    store.watch([early, late])
+    assert store.watched(T0 + 2 * MINUTE, 100) == [early]
+    assert sorted(w.run_id for w in store.watched(T0 + 11 * MINUTE, 100)) == sorted(
+        [early.run_id, late.run_id]
+    )
+    assert len(store.watched(T0 + 11 * MINUTE, 1)) == 1, "limit"
+
+
+def test_rewatch_moves_a_watch_and_unwatch_removes_it_both_idempotent(store: Store) -> None:
+    w = a_watch("rt_a", T0, T0 + MINUTE)
+    store.watch([w])
+    store.rewatch(w, T0 + 5 * MINUTE)
+    assert store.watched(T0 + 2 * MINUTE, 100) == []
+    [moved] = store.watched(T0 + 6 * MINUTE, 100)
+    assert moved.check_at == T0 + 5 * MINUTE and moved.version == 3 and moved.scheduled_for == T0
+    store.unwatch(w.routine_id, w.run_id)
+    store.unwatch(w.routine_id, w.run_id)  # gone already: not an error
+    store.rewatch(w, T0)  # a watch already gone stays gone
+    assert store.watched(T0 + 60 * MINUTE, 100) == []
+
+
+def test_watching_again_replaces_the_watch(store: Store) -> None:
+    w = a_watch("rt_a", T0, T0 + MINUTE)
+    store.watch([w])
+    store.watch([Watch(**{**w.__dict__, "check_at": T0 + 3 * MINUTE})])
+    [again] = store.watched(T0 + 60 * MINUTE, 100)
+    assert again.check_at == T0 + 3 * MINUTE
+
+
+def test_advance_and_routine_writes_carry_their_watches_atomically(store: Store) -> None:
+    routine = make_routine(fire=T0)
+    created = a_watch(routine.id, T0, T0 + MINUTE)
+    store.create_routine(routine, [created])
+    entry = only_entry(store, routine.id)
+    advanced = a_watch(routine.id, T0 + MINUTE, T0 + 2 * MINUTE)
+    assert store.advance([Advance(entry, T0 + 2 * MINUTE, watches=(advanced,))]) == [True]
+    # A lost advance writes none of its watches.
+    lost = a_watch(routine.id, T0 + 2 * MINUTE, T0 + 3 * MINUTE)
+    assert store.advance([Advance(entry, T0 + 5 * MINUTE, watches=(lost,))]) == [False]
+    current, etag = store.get_routine(routine.id)
+    edited = a_watch(routine.id, T0 + 3 * MINUTE, T0 + 4 * MINUTE)
+    store.replace_routine(changed(current, description="x"), etag, current, [edited])
+    watched = {w.run_id for w in store.watched(T0 + 60 * MINUTE, 100)}
+    assert watched == {created.run_id, advanced.run_id, edited.run_id}
+
+
+def test_write_run_returns_the_slot_etag_that_releases_it_without_a_read(store: Store) -> None:
+    run = make_run("rt_slot", T0, RunStatus.running)
+    etag, slot_etag = store.write_run(run, None, SlotWrite(holder=run.id))
+    assert slot_etag is not None
+    done = run.model_copy(update={"status": RunStatus.succeeded})
+    assert store.write_run(done, etag, SlotWrite(holder=None, etag=slot_etag))[1] is None
+    assert store.get_slot("rt_slot") is None
+    plain = make_run("rt_plain", T0)
+    plain_etag, none = store.write_run(plain, None)
+    assert none is None and store.get_run("rt_plain", plain.id)[1] == plain_etag
+
+
+def test_a_row_that_no_longer_parses_is_left_out_of_lists_not_fatal(store: Store) -> None:
+    good = make_routine("good")
+    bad = make_routine("bad")
+    store.create_routine(good)
+    store.create_routine(bad)
+    row = codec.routine_row(bad)
+    row["Data0"] = json.dumps({**json.loads(row["Data0"]), "name": "x" * 500})  # fails validation
+    store._write("routines", [("replace", row, None)], "corrupt")  # type: ignore[attr-defined]
+    assert [r.name for r in store.list_routines(None, 50, None).items] == ["good"]
+
+
+def test_a_version_bounded_unwatch_keeps_a_watch_written_for_a_newer_schedule(store: Store) -> None:
+    w = a_watch("rt_a", T0, T0 + MINUTE)  # version 3
+    store.watch([w])
+    store.unwatch(w.routine_id, w.run_id, up_to_version=2)  # a stale fire of version 2: not its watch
+    assert store.watched(T0 + 60 * MINUTE, 100) == [w]
+    store.unwatch(w.routine_id, w.run_id, up_to_version=3)
+    assert store.watched(T0 + 60 * MINUTE, 100) == []
+    store.unwatch(w.routine_id, w.run_id, up_to_version=3)  # gone: not an error

@@ -1,5 +1,5 @@
 """Storage: the ``Store`` protocol and its two implementations."""
 
-from routines.store.base import Advance, DueEntry, Page, Slot, SlotTaken, SlotWrite, Store
+from routines.store.base import Advance, DueEntry, Page, Slot, SlotTaken, SlotWrite, Store, Watch
 
-__all__ = ["Advance", "DueEntry", "Page", "Slot", "SlotTaken", "SlotWrite", "Store"]
+__all__ = ["Advance", "DueEntry", "Page", "Slot", "SlotTaken", "SlotWrite", "Store", "Watch"]

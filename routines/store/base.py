@@ -47,13 +47,28 @@ class DueEntry:
 
 
 @dataclass(frozen=True)
+class Watch:
+    """One fire or run the repair pass keeps an eye on until its run is terminal: written with (or
+    before) the write that makes the fire valid, deleted when the run ends. ``check_at``: when the
+    repair pass next looks at it."""
+
+    routine_id: str
+    run_id: str
+    scheduled_for: datetime
+    trigger: str  # schedule | timer | manual
+    version: int  # the routine's schedule version the fire was planned at
+    check_at: datetime
+
+
+@dataclass(frozen=True)
 class Advance:
     """Move ``entry`` to ``next_fire_at`` (``None``: nothing more to fire; ``completed`` marks a timer
-    routine done)."""
+    routine done), watching the fires enqueued with it."""
 
     entry: DueEntry
     next_fire_at: datetime | None
     completed: bool = False
+    watches: tuple[Watch, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,18 +92,21 @@ class SlotWrite:
 
 class Store(Protocol):
     # --- routines -----------------------------------------------------------------------------
-    def create_routine(self, routine: Routine) -> str:
-        """Insert a new routine (and its due entry when ``next_fire_at`` is set); returns its etag.
-        Raises ``Conflict`` when the name is taken."""
+    def create_routine(self, routine: Routine, watches: Sequence[Watch] = ()) -> str:
+        """Insert a new routine (and its due entry when ``due_at`` is set, and ``watches``) in one
+        transaction; returns its etag. Raises ``Conflict`` when the name is taken."""
         ...
 
     def get_routine(self, routine_id: str) -> tuple[Routine, str]:
         """Raises ``NotFound``."""
         ...
 
-    def replace_routine(self, routine: Routine, etag: str, previous: Routine) -> str:
+    def replace_routine(
+        self, routine: Routine, etag: str, previous: Routine, watches: Sequence[Watch] = ()
+    ) -> str:
         """Replace ``previous`` (read with ``etag``) by ``routine``, moving its name and due entry
-        as needed, atomically. Raises ``NotFound``, ``PreconditionFailed``, ``Conflict`` (name taken)."""
+        as needed and writing ``watches``, atomically. Raises ``NotFound``, ``PreconditionFailed``,
+        ``Conflict`` (name taken)."""
         ...
 
     def delete_routine(self, routine_id: str) -> None:
@@ -124,6 +142,11 @@ class Store(Protocol):
         ``PreconditionFailed`` (run changed) or ``SlotTaken`` (slot changed)."""
         ...
 
+    def write_run(self, run: Run, etag: str | None, slot: SlotWrite | None = None) -> tuple[str, str | None]:
+        """``insert_run`` (``etag`` None) or ``replace_run``; returns the run's etag and the slot's
+        (None when ``slot`` is None or releases it)."""
+        ...
+
     def list_runs(
         self, routine_id: str, status: RunStatus | None, limit: int, continuation: str | None
     ) -> Page:
@@ -138,6 +161,25 @@ class Store(Protocol):
 
     def delete_runs(self, runs: Sequence[Run]) -> int:
         """Delete runs; returns how many were deleted (already gone ones are not errors)."""
+        ...
+
+    # --- watches (the repair pass's index of runs not yet terminal) -----------------------------
+    def watch(self, watches: Sequence[Watch]) -> None:
+        """Write (upsert) watches, one request per 100."""
+        ...
+
+    def unwatch(self, routine_id: str, run_id: str, up_to_version: int | None = None) -> None:
+        """Delete a watch (with ``up_to_version``: only one written for that schedule version or an
+        older one); one already gone is not an error."""
+        ...
+
+    def watched(self, before: datetime, limit: int) -> list[Watch]:
+        """Up to ``limit`` watches whose ``check_at`` is before ``before``. Its cost grows with the
+        number of watches (runs not yet terminal), not with all runs or routines."""
+        ...
+
+    def rewatch(self, watch: Watch, check_at: datetime) -> None:
+        """Move a watch's ``check_at``; a watch already gone stays gone."""
         ...
 
     # --- coordination -------------------------------------------------------------------------

@@ -5,18 +5,24 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from routines.errors import ValidationError
 from routines.models import Routine, Run
-from routines.store.base import DueEntry
+from routines.store.base import DueEntry, Page, Watch
+
+log = logging.getLogger(__name__)
 
 ROUTINE_PK = "r"
 ROUTINE_PREFIX = "id:"
 NAME_PREFIX = "name:"
 DUE_PREFIX = "due:"
 LEASE_PREFIX = "lease:"
+WATCH_PREFIX = "watch:"
+WATCH_END = "watch;"  # the character after ":": the end of the watch range
 RUN_PREFIX = "run_"
 RUN_END = "run`"  # the character after "_": the end of the run-id range
 SLOT_RK = "slot"
@@ -43,6 +49,39 @@ def due_bound(before: datetime) -> str:
 
 def lease_rk(name: str) -> str:
     return LEASE_PREFIX + name
+
+
+def watch_rk(routine_id: str, run_id: str) -> str:
+    return f"{WATCH_PREFIX}{routine_id}:{run_id}"
+
+
+def watch_row(watch: Watch) -> dict[str, Any]:
+    return {
+        "PartitionKey": ROUTINE_PK,
+        "RowKey": watch_rk(watch.routine_id, watch.run_id),
+        "RoutineId": watch.routine_id,
+        "RunId": watch.run_id,
+        "ScheduledFor": iso(watch.scheduled_for),
+        "Trigger": watch.trigger,
+        "Version": watch.version,
+        "CheckAt": iso(watch.check_at),
+    }
+
+
+def watch_from_row(row: dict[str, Any]) -> Watch:
+    return Watch(
+        routine_id=str(row["RoutineId"]),
+        run_id=str(row["RunId"]),
+        scheduled_for=datetime.fromisoformat(str(row["ScheduledFor"])),
+        trigger=str(row["Trigger"]),
+        version=int(row["Version"]),
+        check_at=datetime.fromisoformat(str(row["CheckAt"])),
+    )
+
+
+def watch_ops(watches: Sequence[Watch]) -> list[Op]:
+    """Upserts: a watch written again (a tick replayed after a crash) must not fail its transaction."""
+    return [("upsert", watch_row(w), None) for w in watches]
 
 
 def _chunks(text: str) -> dict[str, str]:
@@ -146,6 +185,19 @@ def iso(value: datetime | None) -> str:
     return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def page_of(rows: list[dict[str, Any]], limit: int, convert: Callable[[dict[str, Any]], Any]) -> Page:
+    """A page of at most ``limit`` of ``rows`` (one more tells there is a next page). A row that no
+    longer parses is left out with a log line, so one bad row cannot take the whole list down."""
+    items = []
+    for row in rows[:limit]:
+        try:
+            items.append(convert(row))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("skipping unreadable row %s/%s: %s", row.get("PartitionKey"), row.get("RowKey"), exc)
+    more = len(rows) > limit
+    return Page(items, encode_continuation(str(rows[limit - 1]["RowKey"])) if more else None)
+
+
 def encode_continuation(row_key: str) -> str:
     return base64.urlsafe_b64encode(json.dumps({"after": row_key}).encode()).decode().rstrip("=")
 
@@ -172,15 +224,17 @@ def decode_continuation(token: str | None, prefix: str) -> str | None:
 Op = tuple[str, dict[str, Any], str | None]  # (insert | replace | upsert | merge | delete, row, etag)
 
 
-def create_routine_ops(routine: Routine) -> list[Op]:
+def create_routine_ops(routine: Routine, watches: Sequence[Watch] = ()) -> list[Op]:
     ops: list[Op] = [("insert", routine_row(routine), None), ("insert", name_row(routine), None)]
     due = due_row(routine)
     if due:
         ops.append(("insert", due, None))
-    return ops
+    return ops + watch_ops(watches)
 
 
-def replace_routine_ops(routine: Routine, etag: str, previous: Routine) -> list[Op]:
+def replace_routine_ops(
+    routine: Routine, etag: str, previous: Routine, watches: Sequence[Watch] = ()
+) -> list[Op]:
     ops: list[Op] = [("replace", routine_row(routine), etag)]
     if routine.name != previous.name:
         ops.append(("delete", name_row(previous), None))
@@ -194,7 +248,7 @@ def replace_routine_ops(routine: Routine, etag: str, previous: Routine) -> list[
                 ops.append(("delete", old_due, None))
             if new_due:
                 ops.append(("insert", new_due, None))
-    return ops
+    return ops + watch_ops(watches)
 
 
 def delete_routine_ops(routine: Routine, etag: str) -> list[Op]:
@@ -205,9 +259,12 @@ def delete_routine_ops(routine: Routine, etag: str) -> list[Op]:
     return ops
 
 
-def advance_ops(entry: DueEntry, next_fire_at: datetime | None, completed: bool) -> list[Op]:
+def advance_ops(
+    entry: DueEntry, next_fire_at: datetime | None, completed: bool, watches: Sequence[Watch] = ()
+) -> list[Op]:
     """Delete the due row (conditional on its etag: the lock against a concurrent tick or edit),
-    merge the routine's next fire, insert the moved due row."""
+    merge the routine's next fire, insert the moved due row, and watch each fire enqueued (the
+    outbox: a fire whose message is lost after this write is sent again by the repair pass)."""
     key = {"PartitionKey": ROUTINE_PK, "RowKey": due_rk(entry.fire_at, entry.routine_id)}
     patch: dict[str, Any] = {
         "PartitionKey": ROUTINE_PK,
@@ -221,7 +278,7 @@ def advance_ops(entry: DueEntry, next_fire_at: datetime | None, completed: bool)
     ops: list[Op] = [("delete", key, entry.etag), ("merge", patch, None)]
     if next_fire_at is not None:
         ops.append(("insert", moved_due_row(entry, next_fire_at), None))
-    return ops
+    return ops + watch_ops(watches)
 
 
 def slot_op(routine_id: str, holder: str | None, buffered: str | None, etag: str | None) -> Op:

@@ -13,7 +13,7 @@ from typing import Any
 from routines.errors import Conflict, NotFound, PreconditionFailed
 from routines.models import Run, RunStatus
 from routines.store import codec
-from routines.store.base import Advance, DueEntry, Page
+from routines.store.base import Advance, DueEntry, Page, Watch
 from routines.store.shared import PlanStore, TableName
 
 Table = dict[tuple[str, str], tuple[dict[str, Any], str]]
@@ -81,7 +81,7 @@ class MemoryStore(PlanStore):
             for r, _ in self._range(self._routines, codec.ROUTINE_PK, after or codec.ROUTINE_PREFIX, "id;")
             if r["RowKey"] != after and (not state or r["State"] == state)
         ]
-        return _page(rows, limit, codec.routine_from_row)
+        return codec.page_of(rows, limit, codec.routine_from_row)
 
     # --- due index --------------------------------------------------------------------------
     def due_entries(self, before: datetime) -> list[DueEntry]:
@@ -92,7 +92,8 @@ class MemoryStore(PlanStore):
         results = []
         for a in advances:
             try:
-                self._transact(self._routines, codec.advance_ops(a.entry, a.next_fire_at, a.completed))
+                ops = codec.advance_ops(a.entry, a.next_fire_at, a.completed, a.watches)
+                self._transact(self._routines, ops)
                 results.append(True)
             except (Conflict, NotFound, PreconditionFailed):
                 results.append(False)
@@ -108,7 +109,7 @@ class MemoryStore(PlanStore):
             for r, _ in self._range(self._runs, routine_id, after or codec.RUN_PREFIX, codec.RUN_END)
             if r["RowKey"] != after and (status is None or r["Status"] == status.value)
         ]
-        return _page(rows, limit, codec.run_from_row)
+        return codec.page_of(rows, limit, codec.run_from_row)
 
     def runs_scheduled_before(self, cutoff: datetime) -> Iterator[Run]:
         bound = codec.iso(cutoff)
@@ -126,14 +127,11 @@ class MemoryStore(PlanStore):
             self.requests += 1
             return sum(self._runs.pop((r.routine_id, r.id), None) is not None for r in runs)
 
+    def watched(self, before: datetime, limit: int) -> list[Watch]:
+        bound = codec.iso(before)
+        rows = self._range(self._routines, codec.ROUTINE_PK, codec.WATCH_PREFIX, codec.WATCH_END)
+        return [codec.watch_from_row(r) for r, _ in rows if r["CheckAt"] < bound][:limit]
+
     # --- coordination -----------------------------------------------------------------------
     def ping(self) -> None:
         return None
-
-
-def _page(rows: list[dict[str, Any]], limit: int, convert: Any) -> Page:
-    if len(rows) > limit:
-        return Page(
-            [convert(r) for r in rows[:limit]], codec.encode_continuation(str(rows[limit - 1]["RowKey"]))
-        )
-    return Page([convert(r) for r in rows], None)

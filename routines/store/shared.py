@@ -7,13 +7,15 @@ index in ``args[1]``) and ``_read`` gets one row with its etag.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
 from routines.errors import Conflict, NotFound, PreconditionFailed
 from routines.models import Routine, Run
 from routines.store import codec
-from routines.store.base import Slot, SlotTaken, SlotWrite
+from routines.store.base import Slot, SlotTaken, SlotWrite, Watch
 
 TableName = Literal["routines", "runs"]
 _LOST = (Conflict, NotFound, PreconditionFailed)
@@ -30,9 +32,10 @@ class PlanStore:
         raise NotImplementedError
 
     # --- routines ---------------------------------------------------------------------------
-    def create_routine(self, routine: Routine) -> str:
+    def create_routine(self, routine: Routine, watches: Sequence[Watch] = ()) -> str:
+        ops = codec.create_routine_ops(routine, watches)
         try:
-            return self._write("routines", codec.create_routine_ops(routine), f"routine {routine.id}")[0]
+            return self._write("routines", ops, f"routine {routine.id}")[0]
         except Conflict:
             raise Conflict(f"a routine named {routine.name!r} exists") from None
 
@@ -44,8 +47,10 @@ class PlanStore:
             raise NotFound(f"routine {routine_id!r} not found")
         return codec.routine_from_row(found[0]), found[1]
 
-    def replace_routine(self, routine: Routine, etag: str, previous: Routine) -> str:
-        ops = codec.replace_routine_ops(routine, etag, previous)
+    def replace_routine(
+        self, routine: Routine, etag: str, previous: Routine, watches: Sequence[Watch] = ()
+    ) -> str:
+        ops = codec.replace_routine_ops(routine, etag, previous, watches)
         try:
             return self._write("routines", ops, f"routine {routine.id}")[0]
         except Conflict:
@@ -64,12 +69,14 @@ class PlanStore:
                 continue  # changed under us: read again (NotFound from get_routine ends it)
 
     # --- runs -------------------------------------------------------------------------------
-    def _run_write(self, kind: str, run: Run, etag: str | None, slot: SlotWrite | None) -> str:
+    def write_run(self, run: Run, etag: str | None, slot: SlotWrite | None = None) -> tuple[str, str | None]:
+        kind = "insert" if etag is None else "replace"
         ops: list[codec.Op] = [(kind, codec.run_row(run), etag)]
         if slot:
             ops.append(codec.slot_op(run.routine_id, slot.holder, slot.buffered, slot.etag))
         try:
-            return self._write("runs", ops, f"run {run.id}")[0]
+            etags = self._write("runs", ops, f"run {run.id}")
+            return etags[0], (etags[1] or None) if slot and slot.holder else None
         except _LOST as exc:
             if len(exc.args) > 1 and exc.args[1] == 1:
                 raise SlotTaken(run.routine_id) from None
@@ -78,10 +85,10 @@ class PlanStore:
             raise PreconditionFailed(f"run {run.id!r} changed") from None
 
     def insert_run(self, run: Run, slot: SlotWrite | None = None) -> str:
-        return self._run_write("insert", run, None, slot)
+        return self.write_run(run, None, slot)[0]
 
     def replace_run(self, run: Run, etag: str, slot: SlotWrite | None = None) -> str:
-        return self._run_write("replace", run, etag, slot)
+        return self.write_run(run, etag, slot)[0]
 
     def get_run(self, routine_id: str, run_id: str) -> tuple[Run, str]:
         found = None
@@ -96,6 +103,32 @@ class PlanStore:
         if not found:
             return None
         return Slot(holder=found[0]["Holder"], buffered=found[0]["Buffered"] or None, etag=found[1])
+
+    # --- watches ----------------------------------------------------------------------------
+    def watch(self, watches: Sequence[Watch]) -> None:
+        ops = codec.watch_ops(watches)
+        for start in range(0, len(ops), 100):
+            self._write("routines", ops[start : start + 100], "watches")
+
+    def unwatch(self, routine_id: str, run_id: str, up_to_version: int | None = None) -> None:
+        key = {"PartitionKey": codec.ROUTINE_PK, "RowKey": codec.watch_rk(routine_id, run_id)}
+        etag = None
+        if up_to_version is not None:
+            found = self._read("routines", key["PartitionKey"], key["RowKey"], f"watch of {run_id}")
+            if found is None or int(found[0]["Version"]) > up_to_version:
+                return
+            etag = found[1]
+        with contextlib.suppress(NotFound, PreconditionFailed):  # gone, or written again since
+            self._write("routines", [("delete", key, etag)], f"watch of {run_id}")
+
+    def rewatch(self, watch: Watch, check_at: datetime) -> None:
+        patch = {
+            "PartitionKey": codec.ROUTINE_PK,
+            "RowKey": codec.watch_rk(watch.routine_id, watch.run_id),
+            "CheckAt": codec.iso(check_at),
+        }
+        with contextlib.suppress(NotFound):
+            self._write("routines", [("merge", patch, None)], f"watch of {watch.run_id}")
 
     # --- coordination -----------------------------------------------------------------------
     def try_lease(self, name: str, owner: str, now: datetime, until: datetime) -> bool:

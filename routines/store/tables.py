@@ -27,7 +27,7 @@ from azure.data.tables import TableClient, TableServiceClient, TableTransactionE
 from routines.errors import Conflict, NotFound, PreconditionFailed, RoutinesError, StorageUnavailable
 from routines.models import Run, RunStatus
 from routines.store import codec
-from routines.store.base import Advance, DueEntry, Page
+from routines.store.base import Advance, DueEntry, Page, Watch
 from routines.store.shared import PlanStore, TableName
 
 _CONDITION_FAILED = {"UpdateConditionNotSatisfied", "ConditionNotMet"}
@@ -163,7 +163,7 @@ class TableStore(PlanStore):
         else:
             mode = UpdateMode.MERGE if kind == "merge" else UpdateMode.REPLACE
             if not etag:
-                cond = {"match_condition": MatchConditions.IfPresent}
+                cond = {"match_condition": MatchConditions.Unconditionally}  # If-Match: *, 404 if absent
             result = table.update_entity(row, mode=mode, retry_total=0, **cond)
         return str(result.get("etag", ""))
 
@@ -199,11 +199,7 @@ class TableStore(PlanStore):
         convert: Callable[[dict[str, Any]], Any],
     ) -> Page:
         rows = [r for r, _ in self._query(table, query, params, limit + 1)]
-        if len(rows) > limit:
-            return Page(
-                [convert(r) for r in rows[:limit]], codec.encode_continuation(str(rows[limit - 1]["RowKey"]))
-            )
-        return Page([convert(r) for r in rows], None)
+        return codec.page_of(rows, limit, convert)
 
     # --- routines ---------------------------------------------------------------------------
     def list_routines(self, state: str | None, limit: int, continuation: str | None) -> Page:
@@ -229,12 +225,22 @@ class TableStore(PlanStore):
         return [codec.due_entry_from_row(r, e) for r, e in rows]
 
     def advance(self, advances: Sequence[Advance]) -> list[bool]:
-        """Batches up to 33 advances (3 rows each) per transaction, since they share a partition;
-        a batch that fails is replayed one advance at a time so one lost race costs only itself."""
+        """Batches advances (3 rows each, plus their watches) up to 100 rows per transaction, since
+        they share a partition; a batch that fails is replayed one advance at a time so one lost race
+        costs only itself."""
         results: list[bool] = []
-        for start in range(0, len(advances), 33):
-            chunk = advances[start : start + 33]
-            ops = [op for a in chunk for op in codec.advance_ops(a.entry, a.next_fire_at, a.completed)]
+        plans = [codec.advance_ops(a.entry, a.next_fire_at, a.completed, a.watches) for a in advances]
+        chunks: list[list[int]] = []
+        size = 0
+        for index, plan in enumerate(plans):
+            if not chunks or size + len(plan) > 100:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(index)
+            size += len(plan)
+        for indexes in chunks:
+            chunk = [advances[i] for i in indexes]
+            ops = [op for i in indexes for op in plans[i]]
             try:
                 self._execute(self._routines, ops, "advance")
                 results.extend([True] * len(chunk))
@@ -243,15 +249,27 @@ class TableStore(PlanStore):
                 if len(chunk) == 1:
                     results.append(False)
                     continue
-            for a in chunk:
+            for i in indexes:
                 try:
-                    self._execute(
-                        self._routines, codec.advance_ops(a.entry, a.next_fire_at, a.completed), "advance"
-                    )
+                    self._execute(self._routines, plans[i], "advance")
                     results.append(True)
                 except (Conflict, NotFound, PreconditionFailed):
                     results.append(False)
         return results
+
+    def watched(self, before: datetime, limit: int) -> list[Watch]:
+        rows = self._query(
+            self._routines,
+            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi and CheckAt lt @before",
+            {
+                "pk": codec.ROUTINE_PK,
+                "lo": codec.WATCH_PREFIX,
+                "hi": codec.WATCH_END,
+                "before": codec.iso(before),
+            },
+            limit,
+        )
+        return [codec.watch_from_row(r) for r, _ in rows]
 
     # --- runs -------------------------------------------------------------------------------
     def list_runs(
