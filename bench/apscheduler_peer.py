@@ -10,9 +10,10 @@ queue → one devhost worker process → dispatcher → agent.
 2. Kill and restart: fires spread over 20 s (10 per second), the scheduler process (APScheduler) or the
    devhost worker (Routines) SIGKILLed at 10 s and restarted at 12 s; the agent takes 0.5 s to answer,
    so calls are in flight at the kill. Counted: fires delivered (at least one agent call), lost (none),
-   duplicated (more than one call). Routines' runs must all end ``succeeded``: messages in flight at the
-   kill come back after the host's 10-minute processing visibility, so this waits up to ~11 minutes
-   (``--quick``: it does not wait; in-flight fires are then reported as pending).
+   duplicated (more than one call). Routines' runs must all end ``succeeded``: the attempts in flight at
+   the kill are taken over by the repair pass (run every 15 s here, as the app's timer does) once their
+   45 s lease has lapsed, so this waits up to 3 minutes (``--quick``: it does not wait; in-flight fires
+   are then reported as pending).
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def routines_kill_start(connection: str, agent: common.AgentProcess) -> dict[str
     needed to finish counting later (the restarted worker keeps running)."""
     from on_time import RoutinesApp
 
-    app = RoutinesApp(connection, agent, "kill", workers=1).start()
+    app = RoutinesApp(connection, agent, "kill", workers=1).start().start_repair()
     t0 = kill_window()
     now = datetime.now(UTC)
     routines = [
@@ -284,7 +285,7 @@ def main() -> None:
         return
     args = common.arguments(__doc__.split("\n")[0])
     sizes = [100] if args.quick else [100, 1000]
-    recovery_wait = 0 if args.quick else 720
+    recovery_wait = 0 if args.quick else 180
     say(f"APScheduler peer: on time {sizes}; kill at {KILL_AT} s, restart at {RESTART_AT} s")
     say(common.machine_line())
     from on_time import RoutinesApp, routines_on_time
@@ -404,11 +405,12 @@ What each loses: APScheduler removes a `DateTrigger` job from its store when it 
 executor, so jobs submitted but not finished when the process dies are gone; fires that fell due while
 it was down run late on restart (within `misfire_grace_time`). Routines keeps every fire in the queue
 until its run is written: fires due while the worker was down run when it is back; fires in flight
-at the kill come back after the host's processing visibility timeout (10 minutes, as the Functions
-host) and their attempt's lease, and a fire whose agent call had already started is started once more
-with the same `Idempotency-Key` (the documented at-least-once boundary). "Pending" counts fires whose
-message the killed worker had taken and not finished, still invisible in the queue when the script
-stopped waiting ({"it did not wait (`--quick`)" if args.quick else f"it waited up to {recovery_wait} s"}).
+at the kill are taken over by the repair pass once their attempt's 45 s lease has lapsed (not after
+the host's 10-minute processing visibility), and a fire whose agent call had already started is
+started once more with the same `Idempotency-Key` (the documented at-least-once boundary).
+"Pending" counts fires whose message the killed worker had taken and not finished, still invisible
+in the queue when the script stopped waiting
+({"it did not wait (`--quick`)" if args.quick else f"it waited up to {recovery_wait} s"}).
 """,
     )
 

@@ -11,8 +11,9 @@ Targets: p99 ≤ 1 s for 100 simultaneous fires, ≤ 2.5 s for 1,000.
 
 from __future__ import annotations
 
+import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import common
@@ -37,6 +38,7 @@ class RoutinesApp:
         self.store.ensure_tables()
         self.queue.ensure()
         self.hosts = [common.Devhost(self.env, common.OUT / f"{name}_worker{i}.log") for i in range(workers)]
+        self._repairing = threading.Event()
 
     def start(self) -> RoutinesApp:
         for host in self.hosts:
@@ -46,8 +48,24 @@ class RoutinesApp:
         return self
 
     def stop(self) -> None:
+        self._repairing.set()
         for host in self.hosts:
             host.stop()
+
+    def start_repair(self, every: float = 15.0) -> RoutinesApp:
+        """Run the repair pass every ``every`` s, as the app's ``repair`` timer does (the workers run
+        with ``--no-timers``), until ``stop``."""
+        from routines.repair import repair
+
+        def loop() -> None:
+            while not self._repairing.wait(every):
+                try:
+                    repair(self.store, self.queue, datetime.now(UTC), timedelta(seconds=90), "bench-repair")
+                except Exception as exc:  # a storage blip: the next pass tries again
+                    common.say(f"  repair pass failed: {exc}")
+
+        threading.Thread(target=loop, name="repair", daemon=True).start()
+        return self
 
     def seed_due(self, group: int, count: int, when: datetime, **fields: Any) -> list[str]:
         now = datetime.now(UTC)

@@ -15,7 +15,9 @@ exponential), ``timeout_seconds`` 3 and a mix of overlap policies. Then, during 
 * injects duplicate queue messages: copies of visible messages (peeked), copies of messages it takes
   for two seconds (so the original is redelivered too), and fire messages built like the scheduler's
   for fires already enqueued, to arrive together with the originals or after their run;
-* injects unreadable messages (not JSON; not base64), which must go to the poison queue.
+* injects unreadable messages (not JSON; not base64), which must go to the poison queue;
+* fails storage requests at the workers' SDK transport (``bench/storage_faults.py``): 1% refused, 1%
+  applied with the answer lost, and every request refused 3 s of every 40 s.
 
 A calm phase follows (no faults: what a killed worker held comes back and finishes), then every routine
 is disabled through the API, in-flight work drains (until no run is open, bounded), and it checks:
@@ -42,6 +44,7 @@ minutes, renewed while processing), so what a killed worker held comes back with
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import contextlib
 import json
@@ -80,7 +83,7 @@ from routines.store.tables import TableStore  # noqa: E402
 
 PROCESSING_VISIBILITY = 20  # seconds a taken message stays invisible in the soak's devhosts
 TIMEOUT_SECONDS = 3
-LEASE = TIMEOUT_SECONDS + 30  # the dispatcher's attempt lease: timeout_seconds + LEASE_MARGIN
+LEASE = 45  # the dispatcher's attempt lease (decide.LEASE)
 LEASE_SLACK = 3.0  # the claim precedes the agent call by a storage write or two
 RECORD_WINDOW = 10.0  # an answer this close before a kill may not have been recorded yet
 CALM_SECONDS = 50  # no faults before the disable: what a killed worker held comes back and finishes
@@ -149,8 +152,10 @@ class Process:
 
 # A devhost whose queue poller keeps a taken message invisible PROCESSING_VISIBILITY seconds.
 _DEVHOST = (
-    "import sys, routines.devhost as devhost; "
+    "import os, sys, routines.devhost as devhost; "
     "devhost.PROCESSING_VISIBILITY_SECONDS = int(sys.argv.pop(1)); "
+    "seed = os.environ.get('SOAK_STORAGE_FAULTS'); "
+    "seed and __import__('bench.storage_faults', fromlist=['install']).install(int(seed)); "
     "sys.exit(devhost.main(sys.argv[1:]))"
 )
 
@@ -285,7 +290,12 @@ class Soak:
 
     def _start_worker(self, incarnation: str, *, timers: bool) -> str:
         port = free_ports(1)[0]
-        env = {**self._env(), "ROUTINES_AGENT_ENDPOINT": f"{self.agent_url}/{incarnation}"}
+        env = {
+            **self._env(),
+            "ROUTINES_AGENT_ENDPOINT": f"{self.agent_url}/{incarnation}",
+            "SOAK_STORAGE_FAULTS": str(self.seed * 1000 + len(self.workers)),
+            "SOAK_FAULTS_OFF_FILE": str(self.workdir / "faults-off"),
+        }
         command = [sys.executable, "-c", _DEVHOST, str(PROCESSING_VISIBILITY), "--port", str(port)]
         if not timers:
             command.append("--no-timers")
@@ -520,6 +530,19 @@ def _line_time(line: str) -> datetime | None:
     return stamp + timedelta(milliseconds=int(match.group(2)))
 
 
+FAULTS_LINE = re.compile(r"storage faults injected so far: (\{.*\})")
+
+
+def storage_faults(workdir: Path) -> str:
+    """The last count each worker logged of the faults ``bench/storage_faults.py`` injected."""
+    total: Counter[str] = Counter()
+    for log in sorted(workdir.glob("devhost-*.log")):
+        found = FAULTS_LINE.findall(log.read_text(errors="replace"))
+        if found:
+            total.update(ast.literal_eval(found[-1]))
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(total.items())) or "none logged"
+
+
 def successful_ticks(log: Path) -> list[datetime]:
     """When the timer host finished a tick, from its log."""
     lines = log.read_text(errors="replace").splitlines()
@@ -647,6 +670,7 @@ def check(soak: Soak) -> Report:
     rows: list[tuple[str, Any]] = [
         ("duration (fires window)", f"{soak.minutes:g} min, {soak.routines} routines, 2 workers"),
         ("faults", f"{len(soak.kills)} worker SIGKILLs, {soak.azurite_restarts} Azurite restarts"),
+        ("storage faults injected at the SDK transport", storage_faults(soak.workdir)),
         ("messages injected", ", ".join(f"{n} {k}" for k, n in sorted(soak.injected.items())) or "none"),
         ("fires expected", expected),
         ("runs", sum(by_status.values())),
@@ -736,6 +760,7 @@ def run(
         fires_end = soak.t0 + 10 + minutes * 60  # about minutes of fires after the routines exist
         calm_from = max(time.monotonic() + 20, fires_end - CALM_SECONDS)
         soak.chaos(until=calm_from)
+        (soak.workdir / "faults-off").touch()  # the workers' storage faults stop too
         soak.log("calm: no more faults")
         while time.monotonic() < fires_end:
             time.sleep(1)
