@@ -296,6 +296,21 @@ def test_buffer_one_waits_behind_the_holder() -> None:
     assert step.effects == ()
 
 
+def test_a_duplicate_of_a_buffered_fire_does_not_start_it() -> None:
+    waiting = run(RunStatus.queued, 0, holds_slot=True, plan=None)  # buffered: not claimed yet
+    slot = Slot(OTHER, RUN_ID, "s1")
+    step = decide.next_step(
+        facts(
+            routine=routine(overlap_policy=OverlapPolicy.buffer_one),
+            run=waiting,
+            etag="e",
+            slot=slot,
+            holder=ACTIVE_HOLDER,
+        )
+    )
+    assert step == Done((), "already buffered")
+
+
 def test_buffer_one_skips_a_second_waiting_fire() -> None:
     step = overlap(OverlapPolicy.buffer_one, ACTIVE_HOLDER, buffered="run_somebody_else")
     assert isinstance(step, Write) and step.run.status is RunStatus.skipped

@@ -654,7 +654,10 @@ def test_overlap_buffer_one_runs_one_waiting_fire_after_the_first_and_skips_a_th
     [_, second_start] = rig.agent.starts("long")
     assert second_start.body["run_id"] == second.run_id
     assert second_start.received_at >= first_done, "the buffered fire started only after the first ended"
-    assert len(rig.delivered(second.run_id)) >= 3, "the fire, its duplicate and its release were delivered"
+    # That a duplicate of the waiting fire's message does not start it early is checked without timing
+    # in tests/test_decide.py (test_a_duplicate_of_a_buffered_fire_does_not_start_it); whether the
+    # duplicate reaches a worker before the run ends here depends on the machine's speed.
+    assert len(rig.delivered(second.run_id)) >= 2, "the fire and its release were delivered"
     assert rig.reader.get_slot(routine.id) is None
 
 
