@@ -319,11 +319,29 @@ class Soak:
                 "overlap_policy": OVERLAPS[index % len(OVERLAPS)],
                 "timeout_seconds": TIMEOUT_SECONDS,
             }
-            created = self.api.call("POST", "/routines", body)
+            try:
+                created = self.api.call("POST", "/routines", body)
+            except RuntimeError as exc:
+                if ": 409 " not in str(exc):
+                    raise
+                # Names are unique to this soak: an earlier try landed, its answer was lost (a 503 is
+                # "outcome unknown" for a POST), and the retry found the name taken. Take that one.
+                created = self._by_name(body["name"])
             self.created[created["id"]] = created
         self.log(f"created {self.routines} routines")
 
     # -- faults ----------------------------------------------------------------------------------
+    def _by_name(self, name: str) -> dict[str, Any]:
+        continuation = ""
+        while True:
+            page = self.api.call("GET", f"/routines?limit=200{continuation}")
+            for routine in page["items"]:
+                if routine["name"] == name:
+                    return dict(routine)
+            if not page["continuation"]:
+                raise RuntimeError(f"routine {name} answered 409 on create but is not listed")
+            continuation = f"&continuation={page['continuation']}"
+
     def kill_worker(self) -> None:
         victim = next(name for name in reversed(self.workers) if name.startswith("b"))
         process = self.workers.pop(victim)

@@ -1,15 +1,15 @@
-"""The HTTP management API of SPEC section 4, independent of the Functions runtime.
+"""The HTTP management API, independent of the Functions runtime: the HTTP adapter of
+``routines.service``.
 
-``function_app.py`` turns each ``func.HttpRequest`` into a ``Request`` and calls one handler; the
-handlers validate, talk to the store and the queue, and return a ``Response``. Errors are
-``application/problem+json``.
+``function_app.py`` turns each ``func.HttpRequest`` into a ``Request`` and calls one handler; a handler
+parses the request (body, query, ``If-Match``), calls one domain operation and renders its answer
+(JSON, ``ETag``, ``Location``). Errors are ``application/problem+json``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,45 +17,36 @@ from typing import Any
 
 import pydantic
 
-from routines import lifecycle, scheduler, telemetry
+from routines import validation
 from routines.config import Settings
 from routines.errors import (
     Conflict,
+    Invalid,
     NotFound,
     PreconditionFailed,
     RoutinesError,
     StorageUnavailable,
     ValidationError,
 )
-from routines.messages import DispatchMessage, DispatchQueue
+from routines.messages import DispatchQueue
 from routines.models import (
-    MUTABLE_FIELDS,
     Model,
     Routine,
-    RoutineCreate,
     RoutineState,
-    Run,
-    RunProgress,
     RunStatus,
-    RunTrigger,
     Trigger,
-    _RoutineFields,
     json_integers,
-    manual_run_id,
-    new_routine_id,
     now_utc,
     rfc3339_input,
     utc_text,
 )
 from routines.schedule import next_fire_after
+from routines.service import Service
 from routines.store import Store
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 256 * 1024
 DEFAULT_LIMIT, MAX_LIMIT = 50, 200
-_TAGS = {"schedule", "timer", "invocation", "response"}
-# The location parts pydantic adds for the members of a plain union (``str | dict[str, Any]``).
-_UNION_MEMBER = re.compile(r"^(?:function-|union\[|(?:str|int|float|bool|none|dict|list)(?:\[.*\])?$)")
 _PROBLEM = "application/problem+json"
 
 
@@ -97,42 +88,9 @@ def problem(status: int, title: str, detail: str, errors: list[dict[str, Any]] |
     return Response(status, body, {"Content-Type": _PROBLEM})
 
 
-def _loc(loc: tuple[Any, ...]) -> list[Any]:
-    """pydantic's location without discriminator or union-member tags:
-    ``trigger.schedule.cron_expression`` -> ``["trigger", "cron_expression"]``,
-    ``actions.0.input.dict[str,any]`` -> ``["actions", 0, "input"]``."""
-    out: list[Any] = []
-    for part in loc:
-        if isinstance(part, str) and (part in _TAGS or _UNION_MEMBER.match(part)):
-            continue
-        out.append(part)
-    return out
-
-
-def validation_errors(exc: pydantic.ValidationError, prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    """One error per location: a value that matches no member of a union (``input``: a string or an
-    object) gets one error whose message lists what each member wanted."""
-    errors: list[dict[str, Any]] = []
-    by_loc: dict[str, dict[str, Any]] = {}
-    for err in exc.errors(include_url=False, include_input=False):
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        loc = _loc(prefix + tuple(err["loc"]))
-        key = json.dumps(loc)
-        if key in by_loc:
-            by_loc[key]["msg"] += f"; or {msg[:1].lower()}{msg[1:]}"
-            continue
-        by_loc[key] = {"loc": loc, "msg": msg}
-        errors.append(by_loc[key])
-    return errors
-
-
 def _invalid(exc: pydantic.ValidationError, prefix: tuple[Any, ...] = ()) -> ApiError:
-    errors = validation_errors(exc, prefix)
-    first = errors[0] if errors else {"loc": [], "msg": "invalid"}
-    where = ".".join(str(p) for p in first["loc"]) or "body"
-    return ApiError(422, "Invalid request", f"{where}: {first['msg']}", errors)
+    error = validation.invalid(exc, prefix)
+    return ApiError(422, "Invalid request", str(error), error.errors)
 
 
 def _not_json(constant: str) -> Any:
@@ -172,6 +130,7 @@ class Api:
         self, store: Store, queue: DispatchQueue, settings: Settings, clock: Callable[[], datetime] = now_utc
     ) -> None:
         self.store, self.queue, self.settings, self.clock = store, queue, settings, clock
+        self.service = Service(store, queue, settings, clock)
 
     # --- plumbing ---------------------------------------------------------------------------
     def handle(self, handler: Callable[[Request], Response], request: Request) -> Response:
@@ -180,6 +139,8 @@ class Api:
             return handler(request)
         except ApiError as exc:
             return problem(exc.status, exc.title, exc.detail, exc.errors)
+        except Invalid as exc:
+            return problem(422, "Invalid request", str(exc), exc.errors)
         except NotFound as exc:
             return problem(404, "Not found", str(exc))
         except Conflict as exc:
@@ -251,27 +212,7 @@ class Api:
 
     # --- routines ---------------------------------------------------------------------------
     def create_routine(self, request: Request) -> Response:
-        now = self.clock()
-        data = self._object(self._json_body(request))
-        try:
-            spec = RoutineCreate.model_validate(data, context=self._context(now))
-        except pydantic.ValidationError as exc:
-            raise _invalid(exc) from None
-        routine = Routine(
-            **spec.model_dump(exclude={"state"}),
-            id=new_routine_id(),
-            state=spec.state,
-            created_at=now,
-            updated_at=now,
-            version=1,
-            schedule_version=1,
-        )
-        # Written first, with a watch of each near fire; enqueued after (guarantee 1).
-        plan = scheduler.plan_immediately(routine, now) if routine.state is RoutineState.enabled else None
-        routine = plan.routine if plan else routine
-        self.store.create_routine(routine, plan.watches if plan else ())
-        if plan:
-            scheduler.send_immediate(self.queue, plan)
+        routine = self.service.create_routine(self._object(self._json_body(request)))
         return self._routine_response(routine, 201, {"Location": f"/api/routines/{routine.id}"})
 
     def list_routines(self, request: Request) -> Response:
@@ -283,149 +224,55 @@ class Api:
                 "state must be enabled, disabled or completed",
                 [{"loc": ["query", "state"], "msg": "must be enabled, disabled or completed"}],
             )
-        page = self.store.list_routines(
-            state, self._limit(request.query), request.query.get("continuation") or None
+        page = self.service.list_routines(
+            RoutineState(state) if state else None,
+            self._limit(request.query),
+            request.query.get("continuation") or None,
         )
         return Response(200, {"items": [r.public() for r in page.items], "continuation": page.continuation})
 
     def get_routine(self, request: Request) -> Response:
-        routine, _ = self.store.get_routine(request.route_params["id"])
-        return self._routine_response(routine)
+        return self._routine_response(self.service.get_routine(request.route_params["id"]))
 
     def delete_routine(self, request: Request) -> Response:
-        self.store.delete_routine(request.route_params["id"])
+        self.service.delete_routine(request.route_params["id"])
         return Response(204)
 
     @staticmethod
-    def _check_if_match(current: Routine, if_match: str | None) -> None:
-        if if_match is not None and if_match.strip() not in (
-            "*",
-            f'"{current.version}"',
-            f'W/"{current.version}"',
-            str(current.version),
-        ):
-            raise PreconditionFailed(f"routine {current.id} is at version {current.version}, not {if_match}")
-
-    def _update(
-        self, routine_id: str, change: Callable[[Routine, datetime], Routine | scheduler.Immediate | None]
-    ) -> Routine:
-        """Read, change, write conditionally; on a lost race read again. ``change`` returns None
-        for "nothing to do", or a routine with near fires to enqueue once it is written."""
-        for _ in range(8):
-            now = self.clock()
-            current, etag = self.store.get_routine(routine_id)
-            updated = change(current, now)
-            if updated is None:
-                return current
-            plan = updated if isinstance(updated, scheduler.Immediate) else scheduler.Immediate(updated)
-            try:
-                self.store.replace_routine(plan.routine, etag, current, plan.watches)
-            except PreconditionFailed:
-                continue
-            scheduler.send_immediate(self.queue, plan)
-            return plan.routine
-        raise StorageUnavailable(f"routine {routine_id} kept changing; try again")
+    def _expected_version(if_match: str | None) -> int | None:
+        """The version an ``If-Match`` asks for (``"3"``, ``W/"3"``, ``3``; ``*`` or none: any). A tag
+        this API never issued matches no version."""
+        if if_match is None or if_match.strip() == "*":
+            return None
+        tag = if_match.strip().removeprefix("W/").strip('"')
+        return int(tag) if tag.isascii() and tag.isdigit() and len(tag) < 19 else 0
 
     def patch_routine(self, request: Request) -> Response:
         patch = self._object(self._json_body(request))
-        if_match = request.headers.get("if-match")
-        unknown = [k for k in patch if k not in MUTABLE_FIELDS]
-        if unknown:
-            raise ApiError(
-                422,
-                "Invalid request",
-                f"{unknown[0]}: cannot be changed with PATCH",
-                [{"loc": [k], "msg": "unknown or read-only field"} for k in unknown],
-            )
-
-        def change(current: Routine, now: datetime) -> Routine | scheduler.Immediate | None:
-            merged = merge_patch(current.model_dump(mode="json", include=set(MUTABLE_FIELDS)), patch)
-            old_trigger = current.trigger.model_dump(mode="json")
-            if (
-                isinstance(patch.get("trigger"), dict)
-                and patch["trigger"].get("type", old_trigger["type"]) != old_trigger["type"]
-            ):
-                merged["trigger"] = patch["trigger"]  # a new kind of trigger replaces the old one whole
-            trigger_changed = merged.get("trigger") != old_trigger
-            context = self._context(now) if trigger_changed else {"min_interval_seconds": 0}
-            try:
-                fields = _RoutineFields.model_validate(merged, context=context)
-            except pydantic.ValidationError as exc:
-                raise _invalid(exc) from None
-            # After validation (an invalid patch is 422 whatever the version: retrying it on the
-            # current version cannot help), before any side effect.
-            self._check_if_match(current, if_match)
-            values = fields.model_dump()
-            if all(values[k] == current.model_dump()[k] for k in values):
-                return None
-            updated = current.model_copy(
-                update={**dict(fields), "version": current.version + 1, "updated_at": now}
-            )
-            if trigger_changed:
-                updated = lifecycle.reschedule(updated, now)
-                if updated.state is RoutineState.enabled:
-                    return scheduler.plan_immediately(updated, now)
-            return updated
-
-        routine = self._update(request.route_params["id"], change)
-        return self._routine_response(routine)
+        expected = self._expected_version(request.headers.get("if-match"))
+        return self._routine_response(
+            self.service.update_routine(request.route_params["id"], patch, expected)
+        )
 
     def disable_routine(self, request: Request) -> Response:
-        return self._routine_response(self._update(request.route_params["id"], lifecycle.disable))
+        return self._routine_response(self.service.disable_routine(request.route_params["id"]))
 
     def enable_routine(self, request: Request) -> Response:
-        def change(current: Routine, now: datetime) -> scheduler.Immediate | None:
-            enabled = lifecycle.enable(current, now)
-            return scheduler.plan_immediately(enabled, now) if enabled else None
-
-        return self._routine_response(self._update(request.route_params["id"], change))
+        return self._routine_response(self.service.enable_routine(request.route_params["id"]))
 
     # --- runs -------------------------------------------------------------------------------
     def dispatch_routine(self, request: Request) -> Response:
-        routine, _ = self.store.get_routine(request.route_params["id"])
+        routine_id = request.route_params["id"]
+        self.service.get_routine(routine_id)  # 404 before the body is looked at
         body = self._json_body(request, optional=True)
         try:
             override = DispatchRequest.model_validate(body or {}).input
-            if override is not None:
-                type(routine.actions[0]).model_validate(
-                    {**routine.actions[0].model_dump(), "input": override}
-                )
         except pydantic.ValidationError as exc:
             raise _invalid(exc) from None
-        now = self.clock()
-        run_id = manual_run_id(now)
-        run = Run(
-            id=run_id,
-            routine_id=routine.id,
-            trigger=RunTrigger.manual,
-            scheduled_for=now,
-            status=RunStatus.queued,
-            max_attempts=routine.retry_policy.max_attempts,
-            idempotency_key=f"{routine.id}:manual:{run_id}",
-            progress=RunProgress(input_override=override, routine_version=routine.version),
-        )
-        message = DispatchMessage(
-            kind="fire",
-            routine_id=routine.id,
-            scheduled_for=now,
-            routine_version=routine.version,
-            attempt=1,
-            run_id=run_id,
-            traceparent=telemetry.current_traceparent(),
-        )
-        # Watch, then the run, then its message: whichever step a failure stops at, nothing is left
-        # queued for ever (the repair pass sends a watched run's message again, and drops a watch
-        # whose run was never written).
-        self.store.watch([scheduler.watch_for(message, "manual")])
-        self.store.insert_run(run)
-        try:
-            self.queue.send(message)
-        except StorageUnavailable as exc:
-            log.warning("manual run %s accepted but not enqueued (%s); the repair pass sends it", run_id, exc)
-        return Response(202, run.public(), {"Location": f"/api/routines/{routine.id}/runs/{run_id}"})
+        run = self.service.dispatch_routine(routine_id, override)
+        return Response(202, run.public(), {"Location": f"/api/routines/{routine_id}/runs/{run.id}"})
 
     def list_runs(self, request: Request) -> Response:
-        routine_id = request.route_params["id"]
         raw = request.query.get("status") or None
         if raw is not None and raw not in RunStatus.__members__:
             raise ApiError(
@@ -434,16 +281,16 @@ class Api:
                 f"status must be one of {', '.join(RunStatus.__members__)}",
                 [{"loc": ["query", "status"], "msg": "unknown status"}],
             )
-        status = RunStatus(raw) if raw else None
-        page = self.store.list_runs(
-            routine_id, status, self._limit(request.query), request.query.get("continuation") or None
+        page = self.service.list_runs(
+            request.route_params["id"],
+            RunStatus(raw) if raw else None,
+            self._limit(request.query),
+            request.query.get("continuation") or None,
         )
-        if not page.items and request.query.get("continuation") is None:
-            self.store.get_routine(routine_id)  # 404 for an unknown routine; a deleted one keeps its runs
         return Response(200, {"items": [r.public() for r in page.items], "continuation": page.continuation})
 
     def get_run(self, request: Request) -> Response:
-        run, _ = self.store.get_run(request.route_params["id"], request.route_params["run_id"])
+        run = self.service.get_run(request.route_params["id"], request.route_params["run_id"])
         return Response(200, run.public())
 
     # --- misc -------------------------------------------------------------------------------
@@ -472,16 +319,3 @@ class Api:
         except RoutinesError as exc:
             return Response(503, {"status": "unavailable", "detail": str(exc)})
         return Response(200, {"status": "ok"})
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7396 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return patch
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result

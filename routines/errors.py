@@ -29,6 +29,10 @@ class ValidationError(RoutinesError):
         self.errors = errors or []
 
 
+class Invalid(ValidationError):
+    """A resource as given breaks a rule of the model (the API answers ``422``)."""
+
+
 class StorageUnavailable(RoutinesError):
     """Storage could not be reached or answered with a server error."""
 

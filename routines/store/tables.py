@@ -10,7 +10,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -31,6 +31,7 @@ from routines.store.base import Advance, DueEntry, Page, Watch
 from routines.store.shared import PlanStore, TableName
 
 _CONDITION_FAILED = {"UpdateConditionNotSatisfied", "ConditionNotMet"}
+_UNKNOWN = object()  # a write's outcome that could not be read back
 WRITE_ATTEMPTS = 6  # a write failing on the wire is tried for about 6 s (a storage restart, a reset)
 WRITE_BACKOFF, WRITE_BACKOFF_MAX = 0.25, 2.0
 
@@ -99,10 +100,14 @@ class TableStore(PlanStore):
                     raise exc.error from exc.__cause__
                 time.sleep(min(WRITE_BACKOFF_MAX, WRITE_BACKOFF * 2**attempt))
             except (Conflict, NotFound, PreconditionFailed):
-                written = self._written(table, ops) if unsure else None
+                if not unsure:
+                    raise
+                written = self._written(table, ops)
                 if written is None:
                     raise
-                return written
+                if written is _UNKNOWN:  # could not read back: whether the write landed is unknown
+                    raise StorageUnavailable(f"{what}: the outcome of a write is unknown") from None
+                return cast(list[str], written)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _execute_once(self, table: TableClient, ops: list[codec.Op], what: str) -> list[str]:
@@ -125,8 +130,9 @@ class TableStore(PlanStore):
                 raise _WireError(error, maybe_applied=not isinstance(exc, ServiceRequestError)) from exc
             raise error from exc
 
-    def _written(self, table: TableClient, ops: list[codec.Op]) -> list[str] | None:
-        """The etags of ``ops``' rows when storage holds exactly what they wrote, else None."""
+    def _written(self, table: TableClient, ops: list[codec.Op]) -> Any:
+        """The etags of ``ops``' rows when storage holds exactly what they wrote, None when it does
+        not, ``_UNKNOWN`` when it could not be read back."""
         etags = []
         try:
             for kind, row, _ in ops:
@@ -144,7 +150,7 @@ class TableStore(PlanStore):
                     return None
                 etags.append(found[1])
         except StorageUnavailable:
-            return None
+            return _UNKNOWN
         return etags
 
     @staticmethod
