@@ -12,16 +12,15 @@ import asyncio
 import inspect
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+import routines_client.aio
 from azure.core import MatchConditions
 from azure.core.credentials import AccessToken, AzureKeyCredential
 from azure.core.exceptions import (
@@ -30,9 +29,6 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
     ServiceRequestError,
 )
-
-import routines_client.aio
-from routines.azurite import free_ports
 from routines_client import (
     ConflictError,
     NotFoundError,
@@ -42,14 +38,17 @@ from routines_client import (
     RoutineResponseAction,
     RoutineRetryPolicy,
     RoutineRun,
-    RoutinesClient,
     RoutineScheduleTrigger,
+    RoutinesClient,
     RoutinesError,
     RoutineTimerTrigger,
     ValidationError,
 )
+
+from routines.azurite import free_ports
 from tests.devhost_process import devhost_process
 from tests.fake_agent import FakeAgent
+from tests.scripted_api import ROUTINE, ScriptedServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.azurite]
 
@@ -193,7 +192,10 @@ def test_create_in_the_articles_shape_and_read_back(client: Any) -> None:
     assert routine.state == "enabled" and routine.version == 1 and routine.etag == '"1"'
     assert isinstance(routine.next_fire_at, datetime) and routine.next_fire_at.tzinfo is not None
     assert routine.trigger == RoutineScheduleTrigger(cron_expression="0 6 * * *", time_zone="Europe/Paris")
-    assert routine.actions[0].input == {"instructions": "Scan overnight logs", "context": {"region": "us-east-1"}}
+    assert routine.actions[0].input == {
+        "instructions": "Scan overnight logs",
+        "context": {"region": "us-east-1"},
+    }
     assert routine.retry_policy == RoutineRetryPolicy(max_attempts=3, delays_seconds=[1, 5])
     assert routine.overlap_policy == "buffer_one" and routine.timeout_seconds == 600  # server default
 
@@ -216,17 +218,23 @@ def test_timer_trigger_takes_time_or_at_and_response_actions(client: Any) -> Non
             "actions": [RoutineResponseAction(agent_id="echo", input="go on", max_thread_messages=10)],
         }
     )
-    assert isinstance(by_mapping.trigger, RoutineTimerTrigger) and by_mapping.next_fire_at == at + timedelta(hours=1)
+    assert isinstance(by_mapping.trigger, RoutineTimerTrigger) and by_mapping.next_fire_at == at + timedelta(
+        hours=1
+    )
     assert isinstance(by_mapping.actions[0], RoutineResponseAction)
     assert by_mapping.actions[0].max_thread_messages == 10
 
 
-def test_list_routines_is_a_lazy_iterator_over_continuation_pages(make_client: Callable[..., Any], server: Server) -> None:
+def test_list_routines_is_a_lazy_iterator_over_continuation_pages(
+    make_client: Callable[..., Any], server: Server
+) -> None:
     requests: list[str] = []
     client = make_client(server.base, raw_request_hook=lambda r: requests.append(r.http_request.url))
     names = {unique("paged") for _ in range(3)}
     for name in names:
-        client.create_routine(name=name, trigger=RoutineScheduleTrigger(cron_expression="0 6 * * *"), actions=[echo_action()])
+        client.create_routine(
+            name=name, trigger=RoutineScheduleTrigger(cron_expression="0 6 * * *"), actions=[echo_action()]
+        )
     requests.clear()
 
     pager = client.list_routines(results_per_page=1)
@@ -247,7 +255,9 @@ def test_list_routines_is_a_lazy_iterator_over_continuation_pages(make_client: C
 
 def test_update_with_etag_and_match_condition(client: Any) -> None:
     routine = client.create_routine(
-        name=unique("updated"), trigger=RoutineScheduleTrigger(cron_expression="0 6 * * *"), actions=[echo_action()]
+        name=unique("updated"),
+        trigger=RoutineScheduleTrigger(cron_expression="0 6 * * *"),
+        actions=[echo_action()],
     )
     # A Routine read from the server, changed and sent back, conditional on the version it was read at.
     routine.description = "scan logs"
@@ -267,7 +277,9 @@ def test_update_with_etag_and_match_condition(client: Any) -> None:
     # Merge patch by id, unconditional or "if present"; keyword fields and a patch mapping combine.
     patched = client.update_routine(routine.id, {"timeout_seconds": 30}, description="by id")
     assert (patched.version, patched.timeout_seconds, patched.description) == (3, 30, "by id")
-    patched = client.update_routine(routine.id, description="present", match_condition=MatchConditions.IfPresent)
+    patched = client.update_routine(
+        routine.id, description="present", match_condition=MatchConditions.IfPresent
+    )
     assert patched.version == 4
     with pytest.raises(ValueError, match="needs an etag"):
         client.update_routine(routine.id, description="x", match_condition=MatchConditions.IfNotModified)
@@ -275,7 +287,9 @@ def test_update_with_etag_and_match_condition(client: Any) -> None:
 
 def test_enable_disable_delete(client: Any) -> None:
     routine = client.create_routine(
-        name=unique("pausable"), trigger=RoutineScheduleTrigger(cron_expression="0 6 * * *"), actions=[echo_action()]
+        name=unique("pausable"),
+        trigger=RoutineScheduleTrigger(cron_expression="0 6 * * *"),
+        actions=[echo_action()],
     )
     disabled = client.disable_routine(routine.id)
     assert disabled.state == "disabled" and disabled.next_fire_at is None
@@ -291,9 +305,13 @@ def test_enable_disable_delete(client: Any) -> None:
 
 def test_errors_come_from_problem_json(client: Any) -> None:
     name = unique("taken")
-    client.create_routine(name=name, trigger=RoutineScheduleTrigger(cron_expression="0 6 * * *"), actions=[echo_action()])
+    client.create_routine(
+        name=name, trigger=RoutineScheduleTrigger(cron_expression="0 6 * * *"), actions=[echo_action()]
+    )
     with pytest.raises(ConflictError) as taken:
-        client.create_routine(name=name, trigger=RoutineScheduleTrigger(cron_expression="0 7 * * *"), actions=[echo_action()])
+        client.create_routine(
+            name=name, trigger=RoutineScheduleTrigger(cron_expression="0 7 * * *"), actions=[echo_action()]
+        )
     assert taken.value.status == 409 and isinstance(taken.value, ResourceExistsError)
     assert taken.value.title == "Conflict" and name in (taken.value.detail or "")
 
@@ -320,14 +338,18 @@ def test_errors_come_from_problem_json(client: Any) -> None:
 
 def test_dispatch_and_read_runs(client: Any, server: Server) -> None:
     routine = client.create_routine(
-        name=unique("manual"), trigger=RoutineScheduleTrigger(cron_expression="0 6 * * *"), actions=[echo_action()]
+        name=unique("manual"),
+        trigger=RoutineScheduleTrigger(cron_expression="0 6 * * *"),
+        actions=[echo_action()],
     )
     run = client.dispatch_routine(routine.id, input={"say": "now"})
     assert isinstance(run, RoutineRun) and run.trigger == "manual" and run.status == "queued"
     assert run.idempotency_key == f"{routine.id}:manual:{run.id}"
     done = wait_for_run(client, routine.id, run.id)
     assert done.status == "succeeded" and done.is_terminal and done.attempt == 1
-    assert done.actions[0].status == "succeeded" and json.loads(done.actions[0].output or "") == {"say": "now"}
+    assert done.actions[0].status == "succeeded" and json.loads(done.actions[0].output or "") == {
+        "say": "now"
+    }
     assert isinstance(done.started_at, datetime) and done.ended_at and done.ended_at >= done.started_at
     assert [c.input for c in server.agent.calls_for("echo") if c.idempotency_key == run.idempotency_key] == [
         {"say": "now"}
@@ -357,10 +379,14 @@ def test_approve_and_reject_send_the_step_routes(make_client: Callable[..., Any]
     sent: list[tuple[str, str, bytes]] = []
     client = make_client(
         server.base,
-        raw_request_hook=lambda r: sent.append((r.http_request.method, r.http_request.url, r.http_request.content)),
+        raw_request_hook=lambda r: sent.append(
+            (r.http_request.method, r.http_request.url, r.http_request.content)
+        ),
     )
     routine = client.create_routine(
-        name=unique("gated"), trigger=RoutineScheduleTrigger(cron_expression="0 6 * * *"), actions=[echo_action()]
+        name=unique("gated"),
+        trigger=RoutineScheduleTrigger(cron_expression="0 6 * * *"),
+        actions=[echo_action()],
     )
     run_id = "run_0000000000000_nothere000"
     for verb, call in (("approve", client.approve_step), ("reject", client.reject_step)):
@@ -368,7 +394,10 @@ def test_approve_and_reject_send_the_step_routes(make_client: Callable[..., Any]
             call(routine.id, run_id, "review", comment="looks fine")
         assert missing.value.status == 404
         method, url, content = sent[-1]
-        assert (method, url) == ("POST", f"{server.base}/api/routines/{routine.id}/runs/{run_id}/steps/review/{verb}")
+        assert (method, url) == (
+            "POST",
+            f"{server.base}/api/routines/{routine.id}/runs/{run_id}/steps/review/{verb}",
+        )
         assert json.loads(content) == {"comment": "looks fine"}
 
 
@@ -411,76 +440,6 @@ def test_unreachable_endpoint_raises_service_request_error(make_client: Callable
 # --- retries and credentials, against a scripted server ---------------------------------------------
 
 
-@dataclass
-class Seen:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: Any
-
-
-@dataclass
-class ScriptedServer:
-    """Answers each request with the next scripted ``(status, headers)`` (then ``200``), with a body
-    fitting the route; records what it was sent."""
-
-    script: list[tuple[int, dict[str, str]]] = field(default_factory=list)
-    seen: list[Seen] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                owner.seen.append(
-                    Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
-                         json.loads(raw) if raw else None)
-                )
-                status, headers = owner.script.pop(0) if owner.script else (200, {})
-                if status >= 400:
-                    body: Any = {"type": "about:blank", "title": "Busy", "status": status, "detail": "try later"}
-                elif "/dispatch" in self.path:
-                    status, body = 202, RUN
-                elif self.path.startswith("/api/routines?"):
-                    body = {"items": [ROUTINE], "continuation": None}
-                else:
-                    body = ROUTINE
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                for name, value in {"Content-Type": "application/json", **headers}.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PATCH = _serve
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-ROUTINE = {
-    "id": "rt_0f3c2a9d6b1e4c7a",
-    "name": "scripted",
-    "trigger": {"type": "schedule", "cron_expression": "0 6 * * *", "time_zone": "UTC"},
-    "actions": [{"type": "invocation", "agent_id": "echo", "input": "x"}],
-    "state": "enabled",
-    "version": 7,
-    "some_future_field": {"kept": True},
-}
-RUN = {"id": "run_1", "routine_id": ROUTINE["id"], "status": "queued", "trigger": "manual"}
-
-
 @pytest.fixture
 def scripted() -> Iterator[ScriptedServer]:
     server = ScriptedServer()
@@ -498,7 +457,10 @@ def scripted() -> Iterator[ScriptedServer]:
     ],
 )
 def test_retries_429_and_503_with_back_off(
-    make_client: Callable[..., Any], scripted: ScriptedServer, answers: list[tuple[int, dict[str, str]]], call: str
+    make_client: Callable[..., Any],
+    scripted: ScriptedServer,
+    answers: list[tuple[int, dict[str, str]]],
+    call: str,
 ) -> None:
     scripted.script = list(answers)
     client = make_client(scripted.url, retry_backoff_factor=0.01)
@@ -514,7 +476,9 @@ def test_retries_429_and_503_with_back_off(
 
 
 @pytest.mark.parametrize("status", [500, 502, 504])
-def test_other_server_errors_are_not_retried(make_client: Callable[..., Any], scripted: ScriptedServer, status: int) -> None:
+def test_other_server_errors_are_not_retried(
+    make_client: Callable[..., Any], scripted: ScriptedServer, status: int
+) -> None:
     """A dispatch that failed half-way must not be sent twice."""
     scripted.script = [(status, {})]
     client = make_client(scripted.url, retry_backoff_factor=0.01)
@@ -525,7 +489,9 @@ def test_other_server_errors_are_not_retried(make_client: Callable[..., Any], sc
     assert len(scripted.seen) == 1
 
 
-def test_retries_give_up_with_the_last_error(make_client: Callable[..., Any], scripted: ScriptedServer) -> None:
+def test_retries_give_up_with_the_last_error(
+    make_client: Callable[..., Any], scripted: ScriptedServer
+) -> None:
     scripted.script = [(503, {})] * 10
     client = make_client(scripted.url, retry_backoff_factor=0.01, retry_total=2)
     with pytest.raises(RoutinesError) as failed:
@@ -568,7 +534,9 @@ def test_function_key_goes_in_x_functions_key_and_never_into_logs(
     assert "'x-functions-key': 'REDACTED'" in caplog.text and "s3cret-key" not in caplog.text
 
 
-def test_token_credential_sends_a_bearer_token(make_client: Callable[..., Any], scripted: ScriptedServer) -> None:
+def test_token_credential_sends_a_bearer_token(
+    make_client: Callable[..., Any], scripted: ScriptedServer
+) -> None:
     credential = FakeTokenCredential()
     client = make_client(scripted.url, credential)
     client.get_routine(ROUTINE["id"])
@@ -582,12 +550,16 @@ def test_token_credential_sends_a_bearer_token(make_client: Callable[..., Any], 
 
 def test_no_credential_sends_no_auth(make_client: Callable[..., Any], scripted: ScriptedServer) -> None:
     make_client(scripted.url).get_routine(ROUTINE["id"])
-    assert "authorization" not in scripted.seen[0].headers and "x-functions-key" not in scripted.seen[0].headers
+    assert (
+        "authorization" not in scripted.seen[0].headers and "x-functions-key" not in scripted.seen[0].headers
+    )
     with pytest.raises(TypeError, match="credential"):
         RoutinesClient(scripted.url, "a bare string")  # type: ignore[arg-type]
 
 
-def test_update_sends_a_merge_patch_with_if_match(make_client: Callable[..., Any], scripted: ScriptedServer) -> None:
+def test_update_sends_a_merge_patch_with_if_match(
+    make_client: Callable[..., Any], scripted: ScriptedServer
+) -> None:
     client = make_client(scripted.url)
     routine = client.get_routine(ROUTINE["id"])
     routine.description = "changed"

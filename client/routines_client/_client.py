@@ -218,4 +218,3 @@ class RoutinesClient:
         """The next fires of a trigger (up to ``count``, default 10) after ``after`` (default now), as
         the server computes them. :raises ValidationError: an invalid trigger."""
         return ops.read_fires(self._send(ops.preview_fires(trigger, after, count), **kwargs))
-

@@ -68,9 +68,8 @@ def to_json(value: Any) -> Any:
     return value
 
 
-def _read_only() -> Any:
-    """A field the server sets: shown by ``to_dict()``, never sent in a create or update."""
-    return field(default=None, metadata={"read_only": True})
+# A field the server sets: shown by ``to_dict()``, never sent in a create or update.
+READ_ONLY = {"read_only": True}
 
 
 @dataclass
@@ -312,14 +311,14 @@ class Routine(_Model):
     pause_after_failures: int | None = None
     state: str | None = None  # enabled | disabled | completed; settable at create only
     # Set by the server.
-    id: str | None = _read_only()
-    next_fire_at: datetime | None = _read_only()
-    next_dispatch_at: datetime | None = _read_only()
-    created_at: datetime | None = _read_only()
-    updated_at: datetime | None = _read_only()
-    version: int | None = _read_only()
-    fire_count: int | None = _read_only()
-    disabled_reason: str | None = _read_only()
+    id: str | None = field(default=None, metadata=READ_ONLY)
+    next_fire_at: datetime | None = field(default=None, metadata=READ_ONLY)
+    next_dispatch_at: datetime | None = field(default=None, metadata=READ_ONLY)
+    created_at: datetime | None = field(default=None, metadata=READ_ONLY)
+    updated_at: datetime | None = field(default=None, metadata=READ_ONLY)
+    version: int | None = field(default=None, metadata=READ_ONLY)
+    fire_count: int | None = field(default=None, metadata=READ_ONLY)
+    disabled_reason: str | None = field(default=None, metadata=READ_ONLY)
     # From the ETag header (or the version): not part of the JSON.
     etag: str | None = field(default=None, compare=False, metadata={"local": True})
 

@@ -79,7 +79,9 @@ def if_match(etag: str | None, match_condition: MatchConditions | None) -> dict[
         return {"If-Match": "*"}
     if match_condition is MatchConditions.IfNotModified:
         if not etag:
-            raise ValueError("match_condition=IfNotModified needs an etag (or a Routine read from the server)")
+            raise ValueError(
+                "match_condition=IfNotModified needs an etag (or a Routine read from the server)"
+            )
         return {"If-Match": etag if etag.startswith(("W/", '"')) or etag == "*" else f'"{etag}"'}
     raise ValueError(f"{match_condition} is not supported by update_routine")
 

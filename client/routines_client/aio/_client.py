@@ -26,13 +26,10 @@ from routines_client._policies import build_policies, normalize_endpoint
 
 def _default_transport(kwargs: dict[str, Any]) -> Any:
     try:
-        from azure.core.pipeline.transport import AioHttpTransport
-
         import aiohttp  # noqa: F401  (azure-core imports it only on the first request)
+        from azure.core.pipeline.transport import AioHttpTransport
     except ImportError:
-        raise ImportError(
-            "routines_client.aio needs aiohttp: pip install 'routines-client[aio]'"
-        ) from None
+        raise ImportError("routines_client.aio needs aiohttp: pip install 'routines-client[aio]'") from None
     return AioHttpTransport(**kwargs)
 
 

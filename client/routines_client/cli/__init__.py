@@ -183,7 +183,8 @@ def cmd_state(client: RoutinesClient, args: argparse.Namespace, out: Output) -> 
     if out.as_json:
         out.json(routine.to_dict())
     else:
-        out.line(f"{routine.name} ({routine.id}) is {routine.state}, next fire {_render.when(routine.next_fire_at)}")
+        next_fire = _render.when(routine.next_fire_at)
+        out.line(f"{routine.name} ({routine.id}) is {routine.state}, next fire {next_fire}")
     return EXIT_OK
 
 
@@ -394,7 +395,9 @@ def _options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         help=f"the app's base URL (env ROUTINES_ENDPOINT; default {DEFAULT_ENDPOINT})",
     )
     parser.add_argument("--key", default=default(None), help="function key (env ROUTINES_KEY)")
-    parser.add_argument("--json", action="store_true", default=default(False), help="JSON output for programs")
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="JSON output for programs"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,9 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
         command(name, cmd_state, text).add_argument("routine", metavar="ROUTINE")
     p = command("dispatch", cmd_dispatch, "start a manual run now")
     p.add_argument("routine", metavar="ROUTINE")
-    p.add_argument("--input", metavar="JSON", help="replaces the input: a JSON object or string, or plain text")
-    p.add_argument("--wait", action="store_true", help="wait for the run to end (exit 6 if it did not succeed)")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="with --wait (default 600)")
+    p.add_argument(
+        "--input", metavar="JSON", help="replaces the input: a JSON object or string, or plain text"
+    )
+    p.add_argument(
+        "--wait", action="store_true", help="wait for the run to end (exit 6 if it did not succeed)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=600.0, metavar="SECONDS", help="with --wait (default 600)"
+    )
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help=argparse.SUPPRESS)
     p = command("runs", cmd_runs, "list a routine's runs, newest first")
     p.add_argument("routine", metavar="ROUTINE")
@@ -450,7 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("run", cmd_run, "show one run and its steps")
     p.add_argument("routine", metavar="ROUTINE")
     p.add_argument("run_id", metavar="RUN_ID")
-    for name, text in (("approve", "approve a waiting approval step"), ("reject", "reject a waiting approval step")):
+    for name, text in (
+        ("approve", "approve a waiting approval step"),
+        ("reject", "reject a waiting approval step"),
+    ):
         p = command(name, cmd_decide, text)
         p.add_argument("routine", metavar="ROUTINE")
         p.add_argument("run_id", metavar="RUN_ID")

@@ -13,6 +13,7 @@ What the files manage: the fields they write. A field a file leaves out keeps it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable
@@ -137,9 +138,8 @@ def show_plan(out: Output, changes: list[Change]) -> None:
             continue
         mark, style = marks[change.kind]
         ident = f" {change.current.id}" if change.current is not None else ""
-        out.markup(
-            f"[{style}]{mark} {change.kind} {escape(change.name)}{escape(ident)}[/]  [dim]({escape(change.source)})[/]"
-        )
+        title = escape(f"{mark} {change.kind} {change.name}{ident}")
+        out.markup(f"[{style}]{title}[/]  [dim]({escape(change.source)})[/]")
         for path, old, new in change.diffs:
             if change.kind == "create":
                 out.line(f"    {path}: {_shown(new)}")
@@ -155,7 +155,9 @@ class ApplyFailed(Exception):
         self.cause, self.rolled_back = cause, rolled_back
 
 
-def execute(client: RoutinesClient, changes: list[Change], log: Callable[[str], None]) -> dict[str, list[str]]:
+def execute(
+    client: RoutinesClient, changes: list[Change], log: Callable[[str], None]
+) -> dict[str, list[str]]:
     """Apply the planned changes in order: creates, updates, deletes. :raises ApplyFailed: a write
     failed; this run's creates and updates were undone (unless a delete had already been made)."""
     done: dict[str, list[str]] = {"created": [], "updated": [], "deleted": []}
@@ -174,10 +176,8 @@ def execute(client: RoutinesClient, changes: list[Change], log: Callable[[str], 
                 log(f"updated {change.name} ({change.current.id if change.current else ''})")
             else:
                 assert change.current is not None and change.current.id is not None
-                try:
+                with contextlib.suppress(NotFoundError):  # already gone: the wanted end state
                     client.delete_routine(change.current.id)
-                except NotFoundError:
-                    pass  # already gone: the wanted end state
                 undo.clear()  # a delete cannot be undone, so what came before it stays
                 done["deleted"].append(change.name)
                 log(f"deleted {change.name} ({change.current.id})")

@@ -137,7 +137,9 @@ def check_routine(value: Any) -> list[str]:
     problems: list[str] = []
     name = value.get("name")
     if not isinstance(name, str) or not NAME.match(name):
-        problems.append("name: required, 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit")
+        problems.append(
+            "name: required, 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit"
+        )
     problems.extend(f"{key}: unknown field" for key in value if key not in FILE_FIELDS)
     if value.get("state") not in (None, "enabled", "disabled"):
         problems.append("state: must be enabled or disabled")
@@ -150,7 +152,9 @@ def check_routine(value: Any) -> list[str]:
         return problems
     for index, action in enumerate(actions):
         if not isinstance(action, dict) or not isinstance(action.get("type"), str):
-            problems.append(f"actions.{index}: must be a mapping with a type (invocation, response, approval)")
+            problems.append(
+                f"actions.{index}: must be a mapping with a type (invocation, response, approval)"
+            )
             continue
         if action["type"] in _AGENT_STEPS:
             if ("agent_id" in action) == ("agent_name" in action):

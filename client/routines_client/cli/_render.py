@@ -95,7 +95,11 @@ def routines_table(routines: Iterable[Routine]) -> Table:
         table.add_column(column, overflow="fold")
     for r in routines:
         table.add_row(
-            escape(r.name), escape(r.id or "-"), status(r.state), escape(trigger_text(r.trigger)), when(r.next_fire_at)
+            escape(r.name),
+            escape(r.id or "-"),
+            status(r.state),
+            escape(trigger_text(r.trigger)),
+            when(r.next_fire_at),
         )
     return table
 
