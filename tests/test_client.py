@@ -34,6 +34,7 @@ from routines_client import (
     NotFoundError,
     PreconditionFailedError,
     Routine,
+    RoutineApprovalStep,
     RoutineInvocationAction,
     RoutineResponseAction,
     RoutineRetryPolicy,
@@ -42,6 +43,7 @@ from routines_client import (
     RoutinesClient,
     RoutinesError,
     RoutineTimerTrigger,
+    RoutineWebhookTrigger,
     ValidationError,
 )
 
@@ -570,3 +572,45 @@ def test_update_sends_a_merge_patch_with_if_match(
     assert set(patch.body) == {"name", "description", "trigger", "actions"}
     client.update_routine(routine)
     assert "if-match" not in scripted.seen[-1].headers  # a Routine alone is an unconditional update
+
+
+def test_steps_and_webhook_triggers_go_out_in_the_specs_shapes(
+    make_client: Callable[..., Any], scripted: ScriptedServer
+) -> None:
+    client = make_client(scripted.url)
+    client.create_routine(
+        name="triage",
+        trigger=RoutineWebhookTrigger(signature="github", secret_setting="HOOK_SECRET"),
+        actions=[
+            RoutineInvocationAction(id="triage", agent_id="echo", input="{{event.issue.title}}"),
+            RoutineApprovalStep(id="review", after=["triage"], timeout_seconds=86400, on_timeout="reject"),
+        ],
+        jitter_seconds=30,
+    )
+    sent = scripted.seen[-1]
+    assert (sent.method, sent.path) == ("POST", "/api/routines")
+    assert sent.body == {
+        "name": "triage",
+        "trigger": {"type": "webhook", "secret_setting": "HOOK_SECRET", "signature": "github"},
+        "actions": [
+            {"type": "invocation", "id": "triage", "agent_id": "echo", "input": "{{event.issue.title}}"},
+            {
+                "type": "approval",
+                "id": "review",
+                "after": ["triage"],
+                "timeout_seconds": 86400,
+                "on_timeout": "reject",
+            },
+        ],
+        "jitter_seconds": 30,
+    }
+
+
+def test_a_webhook_routine_whose_secret_setting_is_undefined_is_refused(client: Any) -> None:
+    with pytest.raises(ValidationError) as refused:
+        client.create_routine(
+            name=unique("hook"),
+            trigger=RoutineWebhookTrigger(secret_setting="NO_SUCH_SETTING_" + uuid.uuid4().hex.upper()),
+            actions=[echo_action()],
+        )
+    assert refused.value.status == 422 and any(e.loc[:1] == ["trigger"] for e in refused.value.errors)

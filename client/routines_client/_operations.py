@@ -43,7 +43,9 @@ def _seg(value: str) -> str:
     return quote(value, safe="")
 
 
-def _json_request(method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None) -> Any:
+def _json_request(
+    method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None
+) -> HttpRequest:
     request_headers = {"Accept": "application/json", **(headers or {})}
     if body is None:
         return HttpRequest(method, path, headers=request_headers)

@@ -41,11 +41,11 @@ class _RetryOn429And503:
         return bool(settings["total"]) and response.http_response.status_code in RETRY_STATUSES
 
 
-class RoutinesRetryPolicy(_RetryOn429And503, RetryPolicy):
+class RoutinesRetryPolicy(_RetryOn429And503, RetryPolicy[Any, Any]):
     pass
 
 
-class AsyncRoutinesRetryPolicy(_RetryOn429And503, AsyncRetryPolicy):
+class AsyncRoutinesRetryPolicy(_RetryOn429And503, AsyncRetryPolicy[Any, Any]):
     pass
 
 

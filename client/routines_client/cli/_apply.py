@@ -14,6 +14,7 @@ What the files manage: the fields they write. A field a file leaves out keeps it
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -167,7 +168,7 @@ def execute(
         for change in sorted((c for c in changes if c.kind in order), key=lambda c: order[c.kind]):
             if change.kind == "create":
                 created = client.create_routine(change.body)
-                undo.append(lambda rid=created.id: client.delete_routine(rid))
+                undo.append(functools.partial(client.delete_routine, str(created.id)))
                 done["created"].append(change.name)
                 log(f"created {change.name} ({created.id})")
             elif change.kind == "update":
