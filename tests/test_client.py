@@ -12,11 +12,13 @@ import asyncio
 import inspect
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -614,3 +616,30 @@ def test_a_webhook_routine_whose_secret_setting_is_undefined_is_refused(client: 
             actions=[echo_action()],
         )
     assert refused.value.status == 422 and any(e.loc[:1] == ["trigger"] for e in refused.value.errors)
+
+
+def test_the_readme_python_quickstart_runs(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python blocks, run as written against the devhost."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Python client", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2
+    monkeypatch.setenv("ROUTINES_ENDPOINT", server.base)
+    monkeypatch.delenv("ROUTINES_KEY", raising=False)
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    suffix = uuid.uuid4().hex[:6]  # the module's devhost is shared: keep the names apart
+    for block in blocks:
+        code = block.replace('"daily-compliance-scan"', f'"daily-compliance-scan-{suffix}"')
+        exec(
+            compile(
+                code.replace('"quarterly-report-generator"', f'"quarterly-{suffix}"'), "README.md", "exec"
+            ),
+            namespace,
+        )
+    client = namespace["client"]
+    routine = client.get_routine(namespace["routine"].id)
+    assert routine.overlap_policy == "buffer_one" and routine.description == "weekdays only"
+    assert wait_for_run(client, routine.id, namespace["run"].id).status == "succeeded"
+    with pytest.raises(NotFoundError):
+        client.get_routine(namespace["report"].id)
+    client.close()

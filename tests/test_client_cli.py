@@ -143,6 +143,26 @@ def test_apply_updates_what_changed_with_if_match(cli: Cli, tmp_path: Path) -> N
     }
     assert "no changes" in cli("apply", "-f", str(path)).stdout
 
+    # A changed object is sent whole: fixed delays give way to exponential back-off, and a trigger
+    # of another type replaces the old one.
+    text = path.read_text().replace(
+        "description: weekdays\n", "retry_policy: {max_attempts: 6, backoff: exponential}\n"
+    )
+    path.write_text(text)
+    plan = cli("apply", "-f", str(path), "--dry-run")
+    assert "retry_policy.delays_seconds: [60, 300, 900] -> (default)" in plan.stdout
+    assert cli("apply", "-f", str(path)).returncode == 0
+    policy = cli.routines()["scan"]["retry_policy"]
+    assert policy["backoff"] == "exponential" and "delays_seconds" not in policy
+    timer = {"type": "timer", "at": "2030-01-01T00:00:00Z"}
+    path.write_text(
+        text.split("trigger:")[0] + f"trigger: {json.dumps(timer)}\n" + "actions:" + text.split("actions:")[1]
+    )
+    applied = cli("apply", "-f", str(path))
+    assert applied.returncode == 0, applied.stderr
+    assert cli.routines()["scan"]["trigger"] == timer
+    assert "no changes" in cli("apply", "-f", str(path)).stdout
+
 
 def test_prune_asks_unless_yes_and_dry_run_changes_nothing(cli: Cli, tmp_path: Path) -> None:
     assert cli("apply", "-f", "examples/").returncode == 0

@@ -9,7 +9,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +17,6 @@ from azure.core.exceptions import ResourceExistsError
 from tests.devhost_process import devhost_process
 from tests.fake_agent import FakeAgent
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
 
 

@@ -7,8 +7,10 @@
    If a write fails, the creates and updates already made by this run are undone (deletes come last;
    a failed delete stops the run), so one run of the command applies all of its changes or none.
 
-What the files manage: the fields they write. A field a file leaves out keeps its value on the server
-(to reset one, write its default); lists (``actions``, ``delays_seconds``) are compared and sent whole.
+What the files manage: the fields they write. A top-level field a file leaves out keeps its value on the
+server (to reset one, write its default). An object that changed (``trigger``, ``retry_policy``) is sent
+whole, so what the file leaves out of it returns to its default (and the plan says so); lists
+(``actions``, ``delays_seconds``) are compared and sent whole.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from routines_client._models import Routine
 from routines_client.cli._files import InputError, RoutineDoc
 from routines_client.cli._render import Output
 
-_MISSING: Any = object()
+_MISSING: Any = object()  # not on the server
+_DEFAULT: Any = object()  # reset to the server's default
 _TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
 
 
@@ -88,6 +91,15 @@ def plan(docs: list[RoutineDoc], current: list[Routine], prune: bool) -> list[Ch
         wanted = {k: v for k, v in doc.body.items() if k != "state"}
         diffs = differences(wanted, actual)
         patch = {key: wanted[key] for key in dict.fromkeys(p.split(".")[0] for p, _, _ in diffs)}
+        for key, value in patch.items():
+            # A changed object goes whole: what the file leaves out of it returns to its default
+            # (a merge patch would keep it, and e.g. keep fixed delays beside backoff: exponential).
+            old = actual.get(key)
+            # (A trigger of another type replaces the old one whole on the server anyway.)
+            if isinstance(value, dict) and isinstance(old, dict) and old.get("type") == value.get("type"):
+                resets = [k for k in old if k not in value and old[k] is not None]
+                patch[key] = {**dict.fromkeys(resets), **value}
+                diffs.extend((f"{key}.{k}", old[k], _DEFAULT) for k in resets)
         state = doc.body.get("state")
         if state is None or existing.state not in ("enabled", "disabled") or state == existing.state:
             state = None
@@ -229,8 +241,12 @@ def _update(client: RoutinesClient, change: Change) -> Callable[[], None]:
 
 
 def _shown(value: Any) -> str:
-    return "(unset)" if value is _MISSING else json.dumps(value, ensure_ascii=False)
+    if value is _MISSING:
+        return "(unset)"
+    if value is _DEFAULT:
+        return "(default)"
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _raw(value: Any) -> Any:
-    return None if value is _MISSING else value
+    return None if value is _MISSING or value is _DEFAULT else value
