@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 install: $(VENV)/.installed node_modules/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
@@ -37,4 +37,4 @@ bench-quick: bench-install
 	$(PY) bench/run_all.py --quick
 
 lint: install
-	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy routines
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy routines client/routines_client

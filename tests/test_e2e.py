@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 from azure.core.exceptions import ResourceExistsError
 
-from routines.azurite import free_ports
+from tests.devhost_process import devhost_process
 from tests.fake_agent import FakeAgent
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
 
 
@@ -56,37 +51,14 @@ def agent() -> Iterator[FakeAgent]:
 
 @pytest.fixture
 def devhost(storage_env: dict[str, str], agent: FakeAgent) -> Iterator[Client]:
-    port = free_ports(1)[0]
-    env = {
-        **os.environ,
+    settings = {
         **storage_env,
         "ROUTINES_AGENT_BACKEND": "http",
         "ROUTINES_AGENT_ENDPOINT": agent.url,
         "ROUTINES_MIN_INTERVAL_SECONDS": "1",
-        "PYTHONUNBUFFERED": "1",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "routines.devhost", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    deadline = time.monotonic() + 60
-    lines = []
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        lines.append(line)
-        if "ready" in line or process.poll() is not None:
-            break
-    assert process.poll() is None, "".join(lines)
-    try:
-        yield Client(f"http://127.0.0.1:{port}/api")
-    finally:
-        process.terminate()
-        process.wait(20)
+    with devhost_process(settings) as base:
+        yield Client(f"{base}/api")
 
 
 def routine_body(name: str, cron: str = "0 6 * * *", **extra: Any) -> dict[str, Any]:
