@@ -52,8 +52,17 @@ def make_call(**changes: Any) -> AgentCall:
     return AgentCall(**fields)
 
 
-def signature(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def signature(secret: str, timestamp: int, method: str, target: str, body: bytes) -> str:
+    """The protocol's signature, computed here from its definition (not with the code under test)."""
+    message = f"{timestamp}.{method}.{target}.".encode() + body
+    return f"t={timestamp},v1=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def signed_at(call: Call) -> int:
+    """The timestamp of the signature ``call`` carries."""
+    header = call.headers["x-routines-signature"]
+    assert header.startswith("t="), header
+    return int(header.split(",")[0].removeprefix("t="))
 
 
 def start_error(backend: HttpAgentBackend, call: AgentCall | None = None) -> AgentError:
@@ -123,7 +132,10 @@ def test_start_sends_the_spec_body_and_headers(signed: tuple[FakeAgent, HttpAgen
     assert call.headers["traceparent"] == TRACEPARENT
     assert call.headers["content-type"] == "application/json"
     assert call.headers["authorization"] == f"Bearer {TOKEN}"
-    assert call.headers["x-routines-signature"] == signature(SECRET, call.raw_body)
+    assert call.headers["x-routines-signature"] == signature(
+        SECRET, signed_at(call), "POST", call.path, call.raw_body
+    )
+    assert abs(signed_at(call) - time.time()) < 60
 
 
 def test_response_action_sends_its_type_and_thread(agent: FakeAgent, backend: HttpAgentBackend) -> None:
@@ -160,6 +172,74 @@ def test_credentials_sent_are_the_ones_configured(
 
     [call] = agent.calls
     assert {"authorization", "x-routines-signature"} & call.headers.keys() == expected
+
+
+SIGNED_AT = datetime(2026, 11, 30, 6, 0, 5, tzinfo=UTC)
+T = int(SIGNED_AT.timestamp())
+
+
+@pytest.fixture
+def frozen() -> Iterator[tuple[FakeAgent, HttpAgentBackend]]:
+    """A signature-checking agent and a signing backend, both on a clock stopped at ``SIGNED_AT``."""
+    with (
+        FakeAgent(signing_secret=SECRET, clock=SIGNED_AT.timestamp) as fake,
+        HttpAgentBackend(f"{fake.url}/v1?code=k", signing_secret=SECRET, clock=lambda: SIGNED_AT) as http,
+    ):
+        yield fake, http
+
+
+def test_every_request_is_signed_over_time_method_target_and_body(
+    frozen: tuple[FakeAgent, HttpAgentBackend],
+) -> None:
+    agent, backend = frozen
+    agent.script("asst_abc123", [Reply.pending(polls=5, location="absolute")])
+    call = make_call()
+    started = backend.start(call)
+    assert started.handle is not None
+    backend.poll(call, started.handle)
+    backend.cancel(call, started.handle)
+
+    start, poll, cancel = agent.calls
+    assert [(c.method, c.path) for c in agent.calls] == [
+        ("POST", "/v1/agents/asst_abc123/invocations?code=k"),
+        ("GET", "/runs/fake_run_1"),
+        ("DELETE", "/runs/fake_run_1"),
+    ]
+    assert start.headers["x-routines-signature"] == signature(SECRET, T, "POST", start.path, start.raw_body)
+    assert poll.headers["x-routines-signature"] == signature(SECRET, T, "GET", "/runs/fake_run_1", b"")
+    assert cancel.headers["x-routines-signature"] == signature(SECRET, T, "DELETE", "/runs/fake_run_1", b"")
+    assert agent.cancelled() == ["fake_run_1"], "the agent accepted the DELETE's signature"
+
+
+def test_a_captured_request_cannot_be_replayed(frozen: tuple[FakeAgent, HttpAgentBackend]) -> None:
+    agent, backend = frozen
+    agent.script("asst_abc123", [Reply.pending(polls=5), Reply.pending(polls=5)])
+    call = make_call()
+    first, second = backend.start(call), backend.start(call)
+    assert first.handle is not None and second.handle is not None
+    backend.poll(call, first.handle)
+    captured = agent.calls_for(kind="poll")[0]
+
+    def replay(path: str) -> int:
+        headers = {"X-Routines-Signature": captured.headers["x-routines-signature"]}
+        return httpx.get(agent.url + path, headers=headers).status_code
+
+    assert replay("/runs/fake_run_1") == 202, "the very same request, replayed at once, is valid"
+    assert replay("/runs/fake_run_2") == 401, "not against another run"
+    agent.clock = lambda: SIGNED_AT.timestamp() + 301
+    assert replay("/runs/fake_run_1") == 401, "not after 5 minutes"
+
+
+def test_a_backend_clock_off_by_more_than_5_minutes_is_refused() -> None:
+    late = datetime.now(UTC) - timedelta(minutes=6)
+    with (
+        FakeAgent(signing_secret=SECRET) as strict,
+        HttpAgentBackend(strict.url, signing_secret=SECRET, clock=lambda: late) as backend,
+    ):
+        error = start_error(backend)
+
+    assert not error.retriable
+    assert "401" in str(error)
 
 
 @pytest.mark.parametrize(
@@ -262,7 +342,8 @@ def test_202_is_polled_at_its_location_until_done(
     assert [c.kind for c in agent.calls] == ["start", "poll", "poll", "poll"]
     for poll in agent.calls_for(kind="poll"):
         assert poll.headers["authorization"] == f"Bearer {TOKEN}"
-        assert poll.headers["x-routines-signature"] == signature(SECRET, b"")
+        expected = signature(SECRET, signed_at(poll), "GET", poll.path, b"")
+        assert poll.headers["x-routines-signature"] == expected
         assert poll.headers["traceparent"] == TRACEPARENT
 
 
@@ -463,7 +544,7 @@ def test_error_messages_never_show_credentials() -> None:
     message = str(error)
     assert "500" in message and "received" in message
     assert TOKEN not in message and SECRET not in message and "fn-key-5e1d" not in message
-    assert signature(SECRET, b"") not in message
+    assert "v1=" not in message
     assert len(message) < 600, "the body is cut to a short excerpt"
 
 

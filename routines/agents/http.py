@@ -6,15 +6,15 @@ The protocol, as an agent sees it:
   ``{"routine_id", "run_id", "idempotency_key", "scheduled_for", "attempt", "type", "thread_id", "input"}``
   and the headers ``Idempotency-Key`` (stable across attempts and redeliveries of one fire: dedupe on
   it), ``traceparent`` (W3C, when tracing is on), ``Authorization: Bearer <token>`` when a token is set
-  and ``X-Routines-Signature: sha256=<hex HMAC-SHA256 of the exact body bytes>`` when a signing secret
-  is set (both when both are set).
+  and ``X-Routines-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<METHOD>.<path and
+  query>.<body>">`` when a signing secret is set (both when both are set; see ``signature``).
 * ``200 {"output": ..., "thread_id": ..., "id": ...}``: done. An ``output`` that is not a string is
   kept JSON-encoded; ``thread_id`` and ``id`` (or ``run_id``: the agent's own run id) are optional.
 * ``202`` with a ``Location`` header (absolute, or relative to the request URL): the run goes on.
   Routines polls ``GET <location>`` from a delayed queue message after ``Retry-After`` seconds
   (default 1) until it answers ``200`` (done, same body as above) or an error. A ``202`` to a poll may
-  carry a new ``Location``. GET and DELETE requests carry the same credentials, and their signature is
-  the HMAC of the empty body.
+  carry a new ``Location``. GET and DELETE requests carry the same credentials, signed over their own
+  method and target with an empty body, so no signature is valid for another request.
 * ``DELETE <location>``: sent once, best effort, when the run's timeout expires; an agent may implement
   it to cancel the run. Its answer is ignored.
 * ``408``, ``429``, ``5xx``, timeouts and connection errors are retriable (``Retry-After`` honoured, in
@@ -27,11 +27,10 @@ and the start of the answer's body, never the credentials, the request headers o
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -41,13 +40,13 @@ from urllib.parse import quote
 import httpx
 
 from routines.agents.base import AgentCall, AgentOutcome
+from routines.agents.signature import SIGNATURE_HEADER, sign
 from routines.errors import AgentError
 
 __all__ = ["HttpAgentBackend", "parse_retry_after"]
 
 logger = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Routines-Signature"
 DEFAULT_POLL_AFTER_SECONDS = 1.0
 DEFAULT_TIMEOUT_SECONDS = 300.0  # a request with no deadline, or a deadline further away than this
 MIN_TIMEOUT_SECONDS = 1.0
@@ -64,8 +63,8 @@ class HttpAgentBackend:
 
     One ``httpx.Client`` per backend, so connections are pooled across calls; a ``client`` passed in is
     used as is and not closed by ``close()``. ``timeout`` caps one request (connect + each read);
-    a call's ``deadline`` lowers it further. Raises ``ValueError`` for an endpoint that is not an
-    http(s) URL.
+    a call's ``deadline`` lowers it further. ``clock`` is read for signature timestamps and deadlines.
+    Raises ``ValueError`` for an endpoint that is not an http(s) URL.
     """
 
     def __init__(
@@ -76,6 +75,7 @@ class HttpAgentBackend:
         signing_secret: str | None = None,
         client: httpx.Client | None = None,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         try:
             url = httpx.URL(endpoint)
@@ -86,9 +86,10 @@ class HttpAgentBackend:
         self._endpoint = url
         self._origin = _origin(url)
         self._token = token or None
-        self._secret = signing_secret.encode() if signing_secret else None
+        self._secret = signing_secret or None
         self._secrets = [s for s in (token, signing_secret) if s]
         self._timeout = timeout
+        self._clock = clock
         self._owns_client = client is None
         self._client = client if client is not None else httpx.Client(follow_redirects=False)
 
@@ -126,7 +127,7 @@ class HttpAgentBackend:
             return
         try:
             url = httpx.URL(location)
-            headers = self._headers(call, url, b"")
+            headers = self._headers(call, "DELETE", url, b"")
             response = self._client.request("DELETE", url, headers=headers, timeout=CANCEL_TIMEOUT_SECONDS)
             logger.info("cancelled agent run at %s: %s", _display(url), response.status_code)
         except Exception as exc:  # best effort: the run counts as timed out whatever happens here
@@ -154,7 +155,7 @@ class HttpAgentBackend:
         path = f"{self._endpoint.path.rstrip('/')}/agents/{quote(agent, safe='')}/invocations"
         return self._endpoint.copy_with(path=path)
 
-    def _headers(self, call: AgentCall, url: httpx.URL, body: bytes) -> dict[str, str]:
+    def _headers(self, call: AgentCall, method: str, url: httpx.URL, body: bytes) -> dict[str, str]:
         headers: dict[str, str] = {}
         if call.traceparent:
             headers["traceparent"] = call.traceparent
@@ -163,14 +164,15 @@ class HttpAgentBackend:
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         if self._secret is not None:
-            digest = hmac.new(self._secret, body, hashlib.sha256).hexdigest()
-            headers[SIGNATURE_HEADER] = f"sha256={digest}"
+            target = url.raw_path.decode("ascii")  # the request line's target: path and query as sent
+            now = int(self._clock().timestamp())
+            headers[SIGNATURE_HEADER] = sign(self._secret, now, method, target, body)
         return headers
 
     def _timeout_for(self, call: AgentCall, method: str, url: httpx.URL) -> float:
         seconds = self._timeout
         if call.deadline is not None:
-            remaining = (call.deadline - datetime.now(UTC)).total_seconds()
+            remaining = (call.deadline - self._clock()).total_seconds()
             if remaining <= 0:
                 raise AgentError(
                     f"agent {call.agent!r} timed out: the run's deadline passed before {method} "
@@ -191,7 +193,7 @@ class HttpAgentBackend:
     ) -> httpx.Response:
         seconds = self._timeout_for(call, method, url)
         timeout = httpx.Timeout(seconds, connect=min(CONNECT_TIMEOUT_SECONDS, seconds))
-        all_headers = {**(headers or {}), **self._headers(call, url, body)}
+        all_headers = {**(headers or {}), **self._headers(call, method, url, body)}
         where = f"{method} {_display(url)}"
         try:
             return self._client.request(
