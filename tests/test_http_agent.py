@@ -404,19 +404,62 @@ def test_poll_of_a_bad_handle_fails(backend: HttpAgentBackend, handle: dict[str,
     assert not caught.value.retriable
 
 
-def test_credentials_are_not_sent_to_another_origin(signed: tuple[FakeAgent, HttpAgentBackend]) -> None:
+@pytest.mark.parametrize(
+    "location",
+    [
+        pytest.param("{elsewhere}/runs/x", id="another_port"),
+        pytest.param("//localhost:{port}/runs/x", id="protocol_relative_other_host"),
+        pytest.param("https://127.0.0.1:{port}/runs/x", id="other_scheme"),
+        pytest.param("http://169.254.169.254/metadata/identity", id="metadata_service"),
+    ],
+)
+def test_a_location_off_the_endpoint_origin_fails_the_run(
+    signed: tuple[FakeAgent, HttpAgentBackend], location: str
+) -> None:
     agent, backend = signed
     with FakeAgent() as elsewhere:
-        agent.script("asst_abc123", [Reply(status=202, headers={"Location": f"{elsewhere.url}/runs/x"})])
-        call = make_call(traceparent=TRACEPARENT)
+        where = location.format(elsewhere=elsewhere.url, port=agent.port)
+        agent.script("asst_abc123", [Reply(status=202, headers={"Location": where})])
+        error = start_error(backend)
+
+        assert elsewhere.calls == []
+    assert not error.retriable
+    assert "not on the agent endpoint's origin" in str(error)
+
+
+def test_a_poll_moving_to_another_origin_fails_the_run(signed: tuple[FakeAgent, HttpAgentBackend]) -> None:
+    agent, backend = signed
+    with FakeAgent() as elsewhere:
+        moved = Reply(status=202, headers={"Location": f"{elsewhere.url}/runs/x"})
+        agent.script("asst_abc123", [Reply.pending(polls=0, final=moved)])
+        call = make_call()
         started = backend.start(call)
-        assert started.handle == {"location": f"{elsewhere.url}/runs/x"}
-        with pytest.raises(AgentError):  # the other origin knows no run x: 404
+        assert started.handle is not None
+        with pytest.raises(AgentError) as caught:
             backend.poll(call, started.handle)
 
-        [poll] = elsewhere.calls
-    assert "authorization" not in poll.headers and "x-routines-signature" not in poll.headers
-    assert poll.headers["traceparent"] == TRACEPARENT
+        assert elsewhere.calls == []
+    assert not caught.value.retriable
+    assert "not on the agent endpoint's origin" in str(caught.value)
+
+
+def test_a_stored_handle_off_the_origin_is_neither_polled_nor_cancelled(backend: HttpAgentBackend) -> None:
+    with FakeAgent() as elsewhere:
+        handle = {"location": f"{elsewhere.url}/runs/x"}
+        with pytest.raises(AgentError) as caught:
+            backend.poll(make_call(), handle)
+        backend.cancel(make_call(), handle)
+
+        assert elsewhere.calls == []
+    assert not caught.value.retriable
+
+
+def test_a_relative_location_resolves_on_the_endpoint(agent: FakeAgent) -> None:
+    agent.script("asst_abc123", [Reply(status=202, headers={"Location": "../../runs/fake_run_9"})])
+    with HttpAgentBackend(f"{agent.url}/v1") as backend:
+        started = backend.start(make_call())
+
+    assert started.handle == {"location": f"{agent.url}/v1/runs/fake_run_9"}
 
 
 # -- errors ---------------------------------------------------------------------------------------

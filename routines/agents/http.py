@@ -20,8 +20,10 @@ The protocol, as an agent sees it:
 * ``408``, ``429``, ``5xx``, timeouts and connection errors are retriable (``Retry-After`` honoured, in
   seconds or as an HTTP date); any other status fails the attempt.
 
-Credentials go only to the endpoint's origin (scheme, host, port): a ``Location`` on another origin is
-polled without them, so an agent cannot redirect the token elsewhere. Error messages hold the status
+Polls and cancels go only to the endpoint's own origin (scheme, host, port): a ``Location`` elsewhere
+fails the attempt (not retriable), so an agent cannot point Routines at another host (an internal
+service, a metadata endpoint) and have its answer stored as the run's output, nor draw the credentials
+there. Error messages hold the status
 and the start of the answer's body, never the credentials, the request headers or a URL's query string.
 """
 
@@ -117,6 +119,12 @@ class HttpAgentBackend:
             url = httpx.URL(location)
         except httpx.InvalidURL:
             raise AgentError(f"agent {call.agent!r}: handle location is not a URL", retriable=False) from None
+        if _origin(url) != self._origin:
+            raise AgentError(
+                f"agent {call.agent!r}: the run's location {_display(url)} is not on the agent endpoint's "
+                f"origin {_display_origin(self._origin)}",
+                retriable=False,
+            )
         response = self._send(call, "GET", url)
         return self._outcome(call, response, previous=location)
 
@@ -127,6 +135,9 @@ class HttpAgentBackend:
             return
         try:
             url = httpx.URL(location)
+            if _origin(url) != self._origin:
+                logger.warning("not cancelling agent run at %s: not the endpoint's origin", _display(url))
+                return
             headers = self._headers(call, "DELETE", url, b"")
             response = self._client.request("DELETE", url, headers=headers, timeout=CANCEL_TIMEOUT_SECONDS)
             logger.info("cancelled agent run at %s: %s", _display(url), response.status_code)
@@ -159,8 +170,6 @@ class HttpAgentBackend:
         headers: dict[str, str] = {}
         if call.traceparent:
             headers["traceparent"] = call.traceparent
-        if _origin(url) != self._origin:
-            return headers
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         if self._secret is not None:
@@ -256,10 +265,17 @@ class HttpAgentBackend:
         location = str(response.url.join(header)) if header else previous
         if location is None:  # start() rejects a 202 without Location before we get here
             raise AgentError(f"{self._describe(call, response)} without a Location header", retriable=False)
-        if httpx.URL(location).scheme not in _DEFAULT_PORTS or len(location) > MAX_LOCATION_CHARS:
+        url = httpx.URL(location)
+        if url.scheme not in _DEFAULT_PORTS or len(location) > MAX_LOCATION_CHARS:
             raise AgentError(
                 f"{self._describe(call, response)} with a Location that is not an http(s) URL of at most "
                 f"{MAX_LOCATION_CHARS} characters",
+                retriable=False,
+            )
+        if _origin(url) != self._origin:
+            raise AgentError(
+                f"{self._describe(call, response)} with a Location ({_display(url)}) that is not on the "
+                f"agent endpoint's origin {_display_origin(self._origin)}: polls go only there",
                 retriable=False,
             )
         retry_after = parse_retry_after(response.headers.get("retry-after"))
@@ -336,6 +352,11 @@ def _rfc3339(value: datetime) -> str:
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
+
+
+def _display_origin(origin: tuple[str, str, int | None]) -> str:
+    scheme, host, port = origin
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def _display(url: httpx.URL) -> str:
