@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ import pytest
 
 from routines.agents.base import AgentCall, AgentOutcome
 from routines.agents.http import HttpAgentBackend, parse_retry_after
+from routines.agents.signature import sign, verify
 from routines.errors import AgentError
 from tests.fake_agent import Call, FakeAgent, Reply
 
@@ -240,6 +242,71 @@ def test_a_backend_clock_off_by_more_than_5_minutes_is_refused() -> None:
 
     assert not error.retriable
     assert "401" in str(error)
+
+
+INVOKE, BODY = "/agents/a/invocations", b'{"x":1}'
+GOOD = signature(SECRET, T, "POST", INVOKE, BODY)
+DIGEST = GOOD.split("v1=")[1]
+
+
+@pytest.mark.parametrize(
+    ("header", "method", "target", "body", "now", "valid"),
+    [
+        pytest.param(GOOD, "POST", INVOKE, BODY, T, True, id="valid"),
+        pytest.param(GOOD, "POST", INVOKE, BODY, T + 300, True, id="300_s_later"),
+        pytest.param(GOOD, "POST", INVOKE, BODY, T - 300, True, id="300_s_early"),
+        pytest.param(GOOD, "POST", INVOKE, BODY, T + 301, False, id="301_s_later"),
+        pytest.param(GOOD, "POST", INVOKE, BODY, T - 301, False, id="301_s_early"),
+        pytest.param(GOOD, "PUT", INVOKE, BODY, T, False, id="other_method"),
+        pytest.param(GOOD, "POST", "/agents/b/invocations", BODY, T, False, id="other_path"),
+        pytest.param(GOOD, "POST", INVOKE + "?x", BODY, T, False, id="other_query"),
+        pytest.param(GOOD, "POST", INVOKE, b'{"x":2}', T, False, id="other_body"),
+        pytest.param(f"t={T},v1={'0' * 64},v1={DIGEST}", "POST", INVOKE, BODY, T, True, id="rotation"),
+        pytest.param(f"t={T + 1},v1={DIGEST}", "POST", INVOKE, BODY, T, False, id="timestamp_changed"),
+        pytest.param(f"v1={DIGEST}", "POST", INVOKE, BODY, T, False, id="no_time"),
+        pytest.param(f"t={T}", "POST", INVOKE, BODY, T, False, id="no_digest"),
+        pytest.param(f"t={T},t={T},v1={DIGEST}", "POST", INVOKE, BODY, T, False, id="two_times"),
+        pytest.param("sha256=abc", "POST", INVOKE, BODY, T, False, id="old_format"),
+        pytest.param("", "POST", INVOKE, BODY, T, False, id="empty"),
+        pytest.param(None, "POST", INVOKE, BODY, T, False, id="absent"),
+    ],
+)
+def test_verify_signature(
+    header: str | None, method: str, target: str, body: bytes, now: int, valid: bool
+) -> None:
+    assert verify(SECRET, header, method, target, body, now=now) is valid
+
+
+def readme_verifier() -> Any:
+    """The verification snippet of the README's "HTTP agent security" section, as a function."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### HTTP agent security", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    return namespace["signed_by_routines"]
+
+
+def test_the_readme_snippet_verifies_what_the_backend_signs(agent: FakeAgent) -> None:
+    verifier = readme_verifier()
+    with HttpAgentBackend(f"{agent.url}/v1?code=k", signing_secret=SECRET) as backend:
+        backend.start(make_call(input="é"))
+    [call] = agent.calls
+    header = call.headers["x-routines-signature"]
+
+    assert verifier(SECRET, header, "POST", call.path, call.raw_body)
+    assert not verifier(SECRET, header, "POST", "/v1/agents/other/invocations?code=k", call.raw_body)
+    assert not verifier(SECRET, header, "POST", call.path, call.raw_body + b" ")
+    assert not verifier("other", header, "POST", call.path, call.raw_body)
+    assert not verifier(SECRET, None, "POST", call.path, call.raw_body)
+    stale = f"t={signed_at(call) - 301}," + header.split(",")[1]
+    assert not verifier(SECRET, stale, "POST", call.path, call.raw_body)
+
+
+def test_signature_key_is_the_secrets_utf8_bytes() -> None:
+    secret = "clé-☃"
+    expected = hmac.new(secret.encode("utf-8"), b"7.GET./runs/1.", hashlib.sha256).hexdigest()
+    assert sign(secret, 7, "GET", "/runs/1", b"") == f"t=7,v1={expected}"
 
 
 @pytest.mark.parametrize(
@@ -643,9 +710,10 @@ def test_a_given_client_is_used_and_left_open(agent: FakeAgent) -> None:
 # -- the sample agent and the fake agent as processes ---------------------------------------------
 
 
-def start_process(*args: str) -> tuple[subprocess.Popen[str], str]:
-    """Start a server process; return it and the URL from its ready line."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+def start_process(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """Start a server process with ``env`` added; return it and the URL from its ready line."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("ROUTINES_AGENT_")}
+    env = {**inherited, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
         [sys.executable, *args],
         cwd=ROOT,
@@ -662,14 +730,81 @@ def start_process(*args: str) -> tuple[subprocess.Popen[str], str]:
     return process, line.rsplit(" ", 1)[1].strip()
 
 
-@pytest.fixture
-def sample_agent() -> Iterator[str]:
-    process, url = start_process("-m", "routines.sample_agent", "--port", "0", "--slow-seconds", "0.5")
+@contextmanager
+def running_sample_agent(**env: str) -> Iterator[str]:
+    process, url = start_process(
+        "-m", "routines.sample_agent", "--port", "0", "--slow-seconds", "0.5", env=env
+    )
     try:
         yield url
     finally:
         process.terminate()
         process.communicate(timeout=5)
+
+
+@pytest.fixture
+def sample_agent() -> Iterator[str]:
+    with running_sample_agent() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def strict_sample_agent() -> Iterator[str]:
+    """The sample agent configured like Routines, from the same settings: token and signing secret."""
+    with running_sample_agent(ROUTINES_AGENT_TOKEN=TOKEN, ROUTINES_AGENT_SIGNING_SECRET=SECRET) as url:
+        yield url
+
+
+def test_sample_agent_accepts_what_routines_sends(strict_sample_agent: str) -> None:
+    call = make_call(agent_id="slow", input="hi")
+    with HttpAgentBackend(strict_sample_agent, token=TOKEN, signing_secret=SECRET) as backend:
+        started = backend.start(call)
+        assert not started.done and started.handle is not None
+        polled = backend.poll(call, started.handle)  # a signed GET
+        backend.cancel(call, started.handle)  # a signed DELETE
+        with pytest.raises(AgentError, match="404"):  # the DELETE was accepted: the run is gone
+            backend.poll(call, started.handle)
+
+    assert not polled.done
+
+
+@pytest.mark.parametrize(
+    ("token", "secret", "clock"),
+    [
+        pytest.param(None, None, None, id="no_credentials"),
+        pytest.param(TOKEN, None, None, id="token_without_signature"),
+        pytest.param(None, SECRET, None, id="signature_without_token"),
+        pytest.param("not-" + TOKEN, SECRET, None, id="wrong_token"),
+        pytest.param(TOKEN, "not-" + SECRET, None, id="wrong_secret"),
+        pytest.param(TOKEN, SECRET, timedelta(minutes=-6), id="signed_6_minutes_ago"),
+        pytest.param(TOKEN, SECRET, timedelta(minutes=6), id="signed_6_minutes_ahead"),
+    ],
+)
+def test_sample_agent_refuses_bad_credentials(
+    strict_sample_agent: str, token: str | None, secret: str | None, clock: timedelta | None
+) -> None:
+    skew = clock or timedelta(0)
+    with HttpAgentBackend(
+        strict_sample_agent, token=token, signing_secret=secret, clock=lambda: datetime.now(UTC) + skew
+    ) as backend:
+        error = start_error(backend)
+
+    assert not error.retriable
+    assert "401" in str(error)
+
+
+def test_sample_agent_refuses_a_replayed_poll(strict_sample_agent: str) -> None:
+    call = make_call(agent_id="slow")
+    with HttpAgentBackend(strict_sample_agent, token=TOKEN, signing_secret=SECRET) as backend:
+        first, second = backend.start(call), backend.start(call)
+    assert first.handle is not None and second.handle is not None
+    sent: list[httpx.Request] = []
+    with httpx.Client(event_hooks={"request": [sent.append]}) as client:
+        with HttpAgentBackend(strict_sample_agent, token=TOKEN, signing_secret=SECRET, client=client) as spy:
+            spy.poll(call, first.handle)
+        captured = dict(sent[0].headers)
+        assert client.get(first.handle["location"], headers=captured).status_code == 202
+        assert client.get(second.handle["location"], headers=captured).status_code == 401
 
 
 def test_sample_agent_echoes(sample_agent: str) -> None:
