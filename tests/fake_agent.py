@@ -23,7 +23,10 @@ then ``202`` to ``GET /runs/<id>`` until its polls (or its ``done_after`` second
 final reply; ``DELETE /runs/<id>`` cancels it (``204``, then ``410`` to GETs).
 
 With ``token=`` and/or ``signing_secret=``, every request must carry ``Authorization: Bearer <token>``
-and/or ``X-Routines-Signature: sha256=<HMAC of the body>``, or gets ``401`` (no script consumed).
+and/or ``X-Routines-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<METHOD>.<path and
+query>.<body>">`` with ``t`` within 300 s of the fake's ``clock``, or gets ``401`` (no script
+consumed). The check is written here from the protocol, not imported from ``routines``, so the backend's
+signing is tested against it.
 
 As a process, for soak tests (prints ``fake agent ready on http://127.0.0.1:<port>``, logs every answered
 request as a JSON line)::
@@ -59,6 +62,8 @@ __all__ = ["Call", "Chaos", "FakeAgent", "Headers", "Reply"]
 
 _INVOCATION_PATH = re.compile(r"^.*/agents/([^/]+)/invocations$")
 _RUN_PATH = re.compile(r"^/runs/([^/]+)$")
+_SIGNATURE = re.compile(r"^t=(?P<t>[0-9]{1,12}),v1=(?P<v1>[0-9a-f]{64})$")
+SIGNATURE_MAX_AGE = 300
 
 
 class Headers(dict[str, str]):
@@ -221,9 +226,11 @@ class FakeAgent:
         host: str = "127.0.0.1",
         port: int = 0,
         log: IO[str] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._token = token
         self._secret = signing_secret.encode() if signing_secret else None
+        self.clock = clock  # unix seconds, for the signature's timestamp window
         self._default: Scripted = default if default is not None else Reply()
         self._log = log
         self._cond = threading.Condition()
@@ -371,7 +378,7 @@ class FakeAgent:
             return call, answer
 
     def _answer(self, call: Call, run: _Run | None) -> _Answer:
-        refusal = self._refuse(call.headers, call.raw_body)
+        refusal = self._refuse(call)
         if refusal is not None:
             return refusal
         if call.kind == "start" and call.agent is not None:
@@ -387,14 +394,26 @@ class FakeAgent:
             return self._poll(call.run, run) if call.kind == "poll" else self._cancel(run)
         return _json(404, {"error": f"no route for {call.method} {call.path}"})
 
-    def _refuse(self, headers: Headers, raw: bytes) -> _Answer | None:
-        if self._token is not None and headers.get("authorization") != f"Bearer {self._token}":
+    def _refuse(self, call: Call) -> _Answer | None:
+        if self._token is not None and call.headers.get("authorization") != f"Bearer {self._token}":
             return _json(401, {"error": "missing or wrong bearer token"})
         if self._secret is not None:
-            expected = "sha256=" + hmac.new(self._secret, raw, hashlib.sha256).hexdigest()
-            if not hmac.compare_digest(headers.get("x-routines-signature", ""), expected):
-                return _json(401, {"error": "missing or wrong signature"})
+            problem = self._signature_problem(call)
+            if problem:
+                return _json(401, {"error": problem})
         return None
+
+    def _signature_problem(self, call: Call) -> str | None:
+        assert self._secret is not None
+        match = _SIGNATURE.match(call.headers.get("x-routines-signature", ""))
+        if match is None:
+            return "missing or malformed signature"
+        timestamp, digest = match.group("t"), match.group("v1")
+        if abs(self.clock() - int(timestamp)) > SIGNATURE_MAX_AGE:
+            return "signature timestamp too old or in the future"
+        message = f"{timestamp}.{call.method}.{call.path}.".encode() + call.raw_body
+        expected = hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+        return None if hmac.compare_digest(digest, expected) else "wrong signature"
 
     def _next(self, agent: str) -> Scripted:
         queue = self._scripts.get(agent)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ import pytest
 
 from routines.agents.base import AgentCall, AgentOutcome
 from routines.agents.http import HttpAgentBackend, parse_retry_after
+from routines.agents.signature import sign, verify
 from routines.errors import AgentError
 from tests.fake_agent import Call, FakeAgent, Reply
 
@@ -52,8 +54,17 @@ def make_call(**changes: Any) -> AgentCall:
     return AgentCall(**fields)
 
 
-def signature(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def signature(secret: str, timestamp: int, method: str, target: str, body: bytes) -> str:
+    """The protocol's signature, computed here from its definition (not with the code under test)."""
+    message = f"{timestamp}.{method}.{target}.".encode() + body
+    return f"t={timestamp},v1=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def signed_at(call: Call) -> int:
+    """The timestamp of the signature ``call`` carries."""
+    header = call.headers["x-routines-signature"]
+    assert header.startswith("t="), header
+    return int(header.split(",")[0].removeprefix("t="))
 
 
 def start_error(backend: HttpAgentBackend, call: AgentCall | None = None) -> AgentError:
@@ -123,7 +134,10 @@ def test_start_sends_the_spec_body_and_headers(signed: tuple[FakeAgent, HttpAgen
     assert call.headers["traceparent"] == TRACEPARENT
     assert call.headers["content-type"] == "application/json"
     assert call.headers["authorization"] == f"Bearer {TOKEN}"
-    assert call.headers["x-routines-signature"] == signature(SECRET, call.raw_body)
+    assert call.headers["x-routines-signature"] == signature(
+        SECRET, signed_at(call), "POST", call.path, call.raw_body
+    )
+    assert abs(signed_at(call) - time.time()) < 60
 
 
 def test_response_action_sends_its_type_and_thread(agent: FakeAgent, backend: HttpAgentBackend) -> None:
@@ -160,6 +174,139 @@ def test_credentials_sent_are_the_ones_configured(
 
     [call] = agent.calls
     assert {"authorization", "x-routines-signature"} & call.headers.keys() == expected
+
+
+SIGNED_AT = datetime(2026, 11, 30, 6, 0, 5, tzinfo=UTC)
+T = int(SIGNED_AT.timestamp())
+
+
+@pytest.fixture
+def frozen() -> Iterator[tuple[FakeAgent, HttpAgentBackend]]:
+    """A signature-checking agent and a signing backend, both on a clock stopped at ``SIGNED_AT``."""
+    with (
+        FakeAgent(signing_secret=SECRET, clock=SIGNED_AT.timestamp) as fake,
+        HttpAgentBackend(f"{fake.url}/v1?code=k", signing_secret=SECRET, clock=lambda: SIGNED_AT) as http,
+    ):
+        yield fake, http
+
+
+def test_every_request_is_signed_over_time_method_target_and_body(
+    frozen: tuple[FakeAgent, HttpAgentBackend],
+) -> None:
+    agent, backend = frozen
+    agent.script("asst_abc123", [Reply.pending(polls=5, location="absolute")])
+    call = make_call()
+    started = backend.start(call)
+    assert started.handle is not None
+    backend.poll(call, started.handle)
+    backend.cancel(call, started.handle)
+
+    start, poll, cancel = agent.calls
+    assert [(c.method, c.path) for c in agent.calls] == [
+        ("POST", "/v1/agents/asst_abc123/invocations?code=k"),
+        ("GET", "/runs/fake_run_1"),
+        ("DELETE", "/runs/fake_run_1"),
+    ]
+    assert start.headers["x-routines-signature"] == signature(SECRET, T, "POST", start.path, start.raw_body)
+    assert poll.headers["x-routines-signature"] == signature(SECRET, T, "GET", "/runs/fake_run_1", b"")
+    assert cancel.headers["x-routines-signature"] == signature(SECRET, T, "DELETE", "/runs/fake_run_1", b"")
+    assert agent.cancelled() == ["fake_run_1"], "the agent accepted the DELETE's signature"
+
+
+def test_a_captured_request_cannot_be_replayed(frozen: tuple[FakeAgent, HttpAgentBackend]) -> None:
+    agent, backend = frozen
+    agent.script("asst_abc123", [Reply.pending(polls=5), Reply.pending(polls=5)])
+    call = make_call()
+    first, second = backend.start(call), backend.start(call)
+    assert first.handle is not None and second.handle is not None
+    backend.poll(call, first.handle)
+    captured = agent.calls_for(kind="poll")[0]
+
+    def replay(path: str) -> int:
+        headers = {"X-Routines-Signature": captured.headers["x-routines-signature"]}
+        return httpx.get(agent.url + path, headers=headers).status_code
+
+    assert replay("/runs/fake_run_1") == 202, "the very same request, replayed at once, is valid"
+    assert replay("/runs/fake_run_2") == 401, "not against another run"
+    agent.clock = lambda: SIGNED_AT.timestamp() + 301
+    assert replay("/runs/fake_run_1") == 401, "not after 5 minutes"
+
+
+def test_a_backend_clock_off_by_more_than_5_minutes_is_refused() -> None:
+    late = datetime.now(UTC) - timedelta(minutes=6)
+    with (
+        FakeAgent(signing_secret=SECRET) as strict,
+        HttpAgentBackend(strict.url, signing_secret=SECRET, clock=lambda: late) as backend,
+    ):
+        error = start_error(backend)
+
+    assert not error.retriable
+    assert "401" in str(error)
+
+
+INVOKE, BODY = "/agents/a/invocations", b'{"x":1}'
+GOOD = signature(SECRET, T, "POST", INVOKE, BODY)
+DIGEST = GOOD.split("v1=")[1]
+
+
+@pytest.mark.parametrize(
+    ("header", "method", "target", "body", "now", "valid"),
+    [
+        pytest.param(GOOD, "POST", INVOKE, BODY, T, True, id="valid"),
+        pytest.param(GOOD, "POST", INVOKE, BODY, T + 300, True, id="300_s_later"),
+        pytest.param(GOOD, "POST", INVOKE, BODY, T - 300, True, id="300_s_early"),
+        pytest.param(GOOD, "POST", INVOKE, BODY, T + 301, False, id="301_s_later"),
+        pytest.param(GOOD, "POST", INVOKE, BODY, T - 301, False, id="301_s_early"),
+        pytest.param(GOOD, "PUT", INVOKE, BODY, T, False, id="other_method"),
+        pytest.param(GOOD, "POST", "/agents/b/invocations", BODY, T, False, id="other_path"),
+        pytest.param(GOOD, "POST", INVOKE + "?x", BODY, T, False, id="other_query"),
+        pytest.param(GOOD, "POST", INVOKE, b'{"x":2}', T, False, id="other_body"),
+        pytest.param(f"t={T},v1={'0' * 64},v1={DIGEST}", "POST", INVOKE, BODY, T, True, id="rotation"),
+        pytest.param(f"t={T + 1},v1={DIGEST}", "POST", INVOKE, BODY, T, False, id="timestamp_changed"),
+        pytest.param(f"v1={DIGEST}", "POST", INVOKE, BODY, T, False, id="no_time"),
+        pytest.param(f"t={T}", "POST", INVOKE, BODY, T, False, id="no_digest"),
+        pytest.param(f"t={T},t={T},v1={DIGEST}", "POST", INVOKE, BODY, T, False, id="two_times"),
+        pytest.param("sha256=abc", "POST", INVOKE, BODY, T, False, id="old_format"),
+        pytest.param("", "POST", INVOKE, BODY, T, False, id="empty"),
+        pytest.param(None, "POST", INVOKE, BODY, T, False, id="absent"),
+    ],
+)
+def test_verify_signature(
+    header: str | None, method: str, target: str, body: bytes, now: int, valid: bool
+) -> None:
+    assert verify(SECRET, header, method, target, body, now=now) is valid
+
+
+def readme_verifier() -> Any:
+    """The verification snippet of the README's "HTTP agent security" section, as a function."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### HTTP agent security", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    return namespace["signed_by_routines"]
+
+
+def test_the_readme_snippet_verifies_what_the_backend_signs(agent: FakeAgent) -> None:
+    verifier = readme_verifier()
+    with HttpAgentBackend(f"{agent.url}/v1?code=k", signing_secret=SECRET) as backend:
+        backend.start(make_call(input="é"))
+    [call] = agent.calls
+    header = call.headers["x-routines-signature"]
+
+    assert verifier(SECRET, header, "POST", call.path, call.raw_body)
+    assert not verifier(SECRET, header, "POST", "/v1/agents/other/invocations?code=k", call.raw_body)
+    assert not verifier(SECRET, header, "POST", call.path, call.raw_body + b" ")
+    assert not verifier("other", header, "POST", call.path, call.raw_body)
+    assert not verifier(SECRET, None, "POST", call.path, call.raw_body)
+    stale = f"t={signed_at(call) - 301}," + header.split(",")[1]
+    assert not verifier(SECRET, stale, "POST", call.path, call.raw_body)
+
+
+def test_signature_key_is_the_secrets_utf8_bytes() -> None:
+    secret = "clé-☃"
+    expected = hmac.new(secret.encode("utf-8"), b"7.GET./runs/1.", hashlib.sha256).hexdigest()
+    assert sign(secret, 7, "GET", "/runs/1", b"") == f"t=7,v1={expected}"
 
 
 @pytest.mark.parametrize(
@@ -262,7 +409,8 @@ def test_202_is_polled_at_its_location_until_done(
     assert [c.kind for c in agent.calls] == ["start", "poll", "poll", "poll"]
     for poll in agent.calls_for(kind="poll"):
         assert poll.headers["authorization"] == f"Bearer {TOKEN}"
-        assert poll.headers["x-routines-signature"] == signature(SECRET, b"")
+        expected = signature(SECRET, signed_at(poll), "GET", poll.path, b"")
+        assert poll.headers["x-routines-signature"] == expected
         assert poll.headers["traceparent"] == TRACEPARENT
 
 
@@ -323,19 +471,62 @@ def test_poll_of_a_bad_handle_fails(backend: HttpAgentBackend, handle: dict[str,
     assert not caught.value.retriable
 
 
-def test_credentials_are_not_sent_to_another_origin(signed: tuple[FakeAgent, HttpAgentBackend]) -> None:
+@pytest.mark.parametrize(
+    "location",
+    [
+        pytest.param("{elsewhere}/runs/x", id="another_port"),
+        pytest.param("//localhost:{port}/runs/x", id="protocol_relative_other_host"),
+        pytest.param("https://127.0.0.1:{port}/runs/x", id="other_scheme"),
+        pytest.param("http://169.254.169.254/metadata/identity", id="metadata_service"),
+    ],
+)
+def test_a_location_off_the_endpoint_origin_fails_the_run(
+    signed: tuple[FakeAgent, HttpAgentBackend], location: str
+) -> None:
     agent, backend = signed
     with FakeAgent() as elsewhere:
-        agent.script("asst_abc123", [Reply(status=202, headers={"Location": f"{elsewhere.url}/runs/x"})])
-        call = make_call(traceparent=TRACEPARENT)
+        where = location.format(elsewhere=elsewhere.url, port=agent.port)
+        agent.script("asst_abc123", [Reply(status=202, headers={"Location": where})])
+        error = start_error(backend)
+
+        assert elsewhere.calls == []
+    assert not error.retriable
+    assert "not on the agent endpoint's origin" in str(error)
+
+
+def test_a_poll_moving_to_another_origin_fails_the_run(signed: tuple[FakeAgent, HttpAgentBackend]) -> None:
+    agent, backend = signed
+    with FakeAgent() as elsewhere:
+        moved = Reply(status=202, headers={"Location": f"{elsewhere.url}/runs/x"})
+        agent.script("asst_abc123", [Reply.pending(polls=0, final=moved)])
+        call = make_call()
         started = backend.start(call)
-        assert started.handle == {"location": f"{elsewhere.url}/runs/x"}
-        with pytest.raises(AgentError):  # the other origin knows no run x: 404
+        assert started.handle is not None
+        with pytest.raises(AgentError) as caught:
             backend.poll(call, started.handle)
 
-        [poll] = elsewhere.calls
-    assert "authorization" not in poll.headers and "x-routines-signature" not in poll.headers
-    assert poll.headers["traceparent"] == TRACEPARENT
+        assert elsewhere.calls == []
+    assert not caught.value.retriable
+    assert "not on the agent endpoint's origin" in str(caught.value)
+
+
+def test_a_stored_handle_off_the_origin_is_neither_polled_nor_cancelled(backend: HttpAgentBackend) -> None:
+    with FakeAgent() as elsewhere:
+        handle = {"location": f"{elsewhere.url}/runs/x"}
+        with pytest.raises(AgentError) as caught:
+            backend.poll(make_call(), handle)
+        backend.cancel(make_call(), handle)
+
+        assert elsewhere.calls == []
+    assert not caught.value.retriable
+
+
+def test_a_relative_location_resolves_on_the_endpoint(agent: FakeAgent) -> None:
+    agent.script("asst_abc123", [Reply(status=202, headers={"Location": "../../runs/fake_run_9"})])
+    with HttpAgentBackend(f"{agent.url}/v1") as backend:
+        started = backend.start(make_call())
+
+    assert started.handle == {"location": f"{agent.url}/v1/runs/fake_run_9"}
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -463,7 +654,7 @@ def test_error_messages_never_show_credentials() -> None:
     message = str(error)
     assert "500" in message and "received" in message
     assert TOKEN not in message and SECRET not in message and "fn-key-5e1d" not in message
-    assert signature(SECRET, b"") not in message
+    assert "v1=" not in message
     assert len(message) < 600, "the body is cut to a short excerpt"
 
 
@@ -519,9 +710,10 @@ def test_a_given_client_is_used_and_left_open(agent: FakeAgent) -> None:
 # -- the sample agent and the fake agent as processes ---------------------------------------------
 
 
-def start_process(*args: str) -> tuple[subprocess.Popen[str], str]:
-    """Start a server process; return it and the URL from its ready line."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+def start_process(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """Start a server process with ``env`` added; return it and the URL from its ready line."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("ROUTINES_AGENT_")}
+    env = {**inherited, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
         [sys.executable, *args],
         cwd=ROOT,
@@ -538,14 +730,81 @@ def start_process(*args: str) -> tuple[subprocess.Popen[str], str]:
     return process, line.rsplit(" ", 1)[1].strip()
 
 
-@pytest.fixture
-def sample_agent() -> Iterator[str]:
-    process, url = start_process("-m", "routines.sample_agent", "--port", "0", "--slow-seconds", "0.5")
+@contextmanager
+def running_sample_agent(**env: str) -> Iterator[str]:
+    process, url = start_process(
+        "-m", "routines.sample_agent", "--port", "0", "--slow-seconds", "0.5", env=env
+    )
     try:
         yield url
     finally:
         process.terminate()
         process.communicate(timeout=5)
+
+
+@pytest.fixture
+def sample_agent() -> Iterator[str]:
+    with running_sample_agent() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def strict_sample_agent() -> Iterator[str]:
+    """The sample agent configured like Routines, from the same settings: token and signing secret."""
+    with running_sample_agent(ROUTINES_AGENT_TOKEN=TOKEN, ROUTINES_AGENT_SIGNING_SECRET=SECRET) as url:
+        yield url
+
+
+def test_sample_agent_accepts_what_routines_sends(strict_sample_agent: str) -> None:
+    call = make_call(agent_id="slow", input="hi")
+    with HttpAgentBackend(strict_sample_agent, token=TOKEN, signing_secret=SECRET) as backend:
+        started = backend.start(call)
+        assert not started.done and started.handle is not None
+        polled = backend.poll(call, started.handle)  # a signed GET
+        backend.cancel(call, started.handle)  # a signed DELETE
+        with pytest.raises(AgentError, match="404"):  # the DELETE was accepted: the run is gone
+            backend.poll(call, started.handle)
+
+    assert not polled.done
+
+
+@pytest.mark.parametrize(
+    ("token", "secret", "clock"),
+    [
+        pytest.param(None, None, None, id="no_credentials"),
+        pytest.param(TOKEN, None, None, id="token_without_signature"),
+        pytest.param(None, SECRET, None, id="signature_without_token"),
+        pytest.param("not-" + TOKEN, SECRET, None, id="wrong_token"),
+        pytest.param(TOKEN, "not-" + SECRET, None, id="wrong_secret"),
+        pytest.param(TOKEN, SECRET, timedelta(minutes=-6), id="signed_6_minutes_ago"),
+        pytest.param(TOKEN, SECRET, timedelta(minutes=6), id="signed_6_minutes_ahead"),
+    ],
+)
+def test_sample_agent_refuses_bad_credentials(
+    strict_sample_agent: str, token: str | None, secret: str | None, clock: timedelta | None
+) -> None:
+    skew = clock or timedelta(0)
+    with HttpAgentBackend(
+        strict_sample_agent, token=token, signing_secret=secret, clock=lambda: datetime.now(UTC) + skew
+    ) as backend:
+        error = start_error(backend)
+
+    assert not error.retriable
+    assert "401" in str(error)
+
+
+def test_sample_agent_refuses_a_replayed_poll(strict_sample_agent: str) -> None:
+    call = make_call(agent_id="slow")
+    with HttpAgentBackend(strict_sample_agent, token=TOKEN, signing_secret=SECRET) as backend:
+        first, second = backend.start(call), backend.start(call)
+    assert first.handle is not None and second.handle is not None
+    sent: list[httpx.Request] = []
+    with httpx.Client(event_hooks={"request": [sent.append]}) as client:
+        with HttpAgentBackend(strict_sample_agent, token=TOKEN, signing_secret=SECRET, client=client) as spy:
+            spy.poll(call, first.handle)
+        captured = dict(sent[0].headers)
+        assert client.get(first.handle["location"], headers=captured).status_code == 202
+        assert client.get(second.handle["location"], headers=captured).status_code == 401
 
 
 def test_sample_agent_echoes(sample_agent: str) -> None:

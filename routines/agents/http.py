@@ -6,32 +6,33 @@ The protocol, as an agent sees it:
   ``{"routine_id", "run_id", "idempotency_key", "scheduled_for", "attempt", "type", "thread_id", "input"}``
   and the headers ``Idempotency-Key`` (stable across attempts and redeliveries of one fire: dedupe on
   it), ``traceparent`` (W3C, when tracing is on), ``Authorization: Bearer <token>`` when a token is set
-  and ``X-Routines-Signature: sha256=<hex HMAC-SHA256 of the exact body bytes>`` when a signing secret
-  is set (both when both are set).
+  and ``X-Routines-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<METHOD>.<path and
+  query>.<body>">`` when a signing secret is set (both when both are set; see ``signature``).
 * ``200 {"output": ..., "thread_id": ..., "id": ...}``: done. An ``output`` that is not a string is
   kept JSON-encoded; ``thread_id`` and ``id`` (or ``run_id``: the agent's own run id) are optional.
 * ``202`` with a ``Location`` header (absolute, or relative to the request URL): the run goes on.
   Routines polls ``GET <location>`` from a delayed queue message after ``Retry-After`` seconds
   (default 1) until it answers ``200`` (done, same body as above) or an error. A ``202`` to a poll may
-  carry a new ``Location``. GET and DELETE requests carry the same credentials, and their signature is
-  the HMAC of the empty body.
+  carry a new ``Location``. GET and DELETE requests carry the same credentials, signed over their own
+  method and target with an empty body, so no signature is valid for another request.
 * ``DELETE <location>``: sent once, best effort, when the run's timeout expires; an agent may implement
   it to cancel the run. Its answer is ignored.
 * ``408``, ``429``, ``5xx``, timeouts and connection errors are retriable (``Retry-After`` honoured, in
   seconds or as an HTTP date); any other status fails the attempt.
 
-Credentials go only to the endpoint's origin (scheme, host, port): a ``Location`` on another origin is
-polled without them, so an agent cannot redirect the token elsewhere. Error messages hold the status
+Polls and cancels go only to the endpoint's own origin (scheme, host, port): a ``Location`` elsewhere
+fails the attempt (not retriable), so an agent cannot point Routines at another host (an internal
+service, a metadata endpoint) and have its answer stored as the run's output, nor draw the credentials
+there. Error messages hold the status
 and the start of the answer's body, never the credentials, the request headers or a URL's query string.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -41,13 +42,13 @@ from urllib.parse import quote
 import httpx
 
 from routines.agents.base import AgentCall, AgentOutcome
+from routines.agents.signature import SIGNATURE_HEADER, sign
 from routines.errors import AgentError
 
 __all__ = ["HttpAgentBackend", "parse_retry_after"]
 
 logger = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Routines-Signature"
 DEFAULT_POLL_AFTER_SECONDS = 1.0
 DEFAULT_TIMEOUT_SECONDS = 300.0  # a request with no deadline, or a deadline further away than this
 MIN_TIMEOUT_SECONDS = 1.0
@@ -64,8 +65,8 @@ class HttpAgentBackend:
 
     One ``httpx.Client`` per backend, so connections are pooled across calls; a ``client`` passed in is
     used as is and not closed by ``close()``. ``timeout`` caps one request (connect + each read);
-    a call's ``deadline`` lowers it further. Raises ``ValueError`` for an endpoint that is not an
-    http(s) URL.
+    a call's ``deadline`` lowers it further. ``clock`` is read for signature timestamps and deadlines.
+    Raises ``ValueError`` for an endpoint that is not an http(s) URL.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class HttpAgentBackend:
         signing_secret: str | None = None,
         client: httpx.Client | None = None,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         try:
             url = httpx.URL(endpoint)
@@ -86,9 +88,10 @@ class HttpAgentBackend:
         self._endpoint = url
         self._origin = _origin(url)
         self._token = token or None
-        self._secret = signing_secret.encode() if signing_secret else None
+        self._secret = signing_secret or None
         self._secrets = [s for s in (token, signing_secret) if s]
         self._timeout = timeout
+        self._clock = clock
         self._owns_client = client is None
         self._client = client if client is not None else httpx.Client(follow_redirects=False)
 
@@ -116,6 +119,12 @@ class HttpAgentBackend:
             url = httpx.URL(location)
         except httpx.InvalidURL:
             raise AgentError(f"agent {call.agent!r}: handle location is not a URL", retriable=False) from None
+        if _origin(url) != self._origin:
+            raise AgentError(
+                f"agent {call.agent!r}: the run's location {_display(url)} is not on the agent endpoint's "
+                f"origin {_display_origin(self._origin)}",
+                retriable=False,
+            )
         response = self._send(call, "GET", url)
         return self._outcome(call, response, previous=location)
 
@@ -126,7 +135,10 @@ class HttpAgentBackend:
             return
         try:
             url = httpx.URL(location)
-            headers = self._headers(call, url, b"")
+            if _origin(url) != self._origin:
+                logger.warning("not cancelling agent run at %s: not the endpoint's origin", _display(url))
+                return
+            headers = self._headers(call, "DELETE", url, b"")
             response = self._client.request("DELETE", url, headers=headers, timeout=CANCEL_TIMEOUT_SECONDS)
             logger.info("cancelled agent run at %s: %s", _display(url), response.status_code)
         except Exception as exc:  # best effort: the run counts as timed out whatever happens here
@@ -154,23 +166,22 @@ class HttpAgentBackend:
         path = f"{self._endpoint.path.rstrip('/')}/agents/{quote(agent, safe='')}/invocations"
         return self._endpoint.copy_with(path=path)
 
-    def _headers(self, call: AgentCall, url: httpx.URL, body: bytes) -> dict[str, str]:
+    def _headers(self, call: AgentCall, method: str, url: httpx.URL, body: bytes) -> dict[str, str]:
         headers: dict[str, str] = {}
         if call.traceparent:
             headers["traceparent"] = call.traceparent
-        if _origin(url) != self._origin:
-            return headers
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         if self._secret is not None:
-            digest = hmac.new(self._secret, body, hashlib.sha256).hexdigest()
-            headers[SIGNATURE_HEADER] = f"sha256={digest}"
+            target = url.raw_path.decode("ascii")  # the request line's target: path and query as sent
+            now = int(self._clock().timestamp())
+            headers[SIGNATURE_HEADER] = sign(self._secret, now, method, target, body)
         return headers
 
     def _timeout_for(self, call: AgentCall, method: str, url: httpx.URL) -> float:
         seconds = self._timeout
         if call.deadline is not None:
-            remaining = (call.deadline - datetime.now(UTC)).total_seconds()
+            remaining = (call.deadline - self._clock()).total_seconds()
             if remaining <= 0:
                 raise AgentError(
                     f"agent {call.agent!r} timed out: the run's deadline passed before {method} "
@@ -191,7 +202,7 @@ class HttpAgentBackend:
     ) -> httpx.Response:
         seconds = self._timeout_for(call, method, url)
         timeout = httpx.Timeout(seconds, connect=min(CONNECT_TIMEOUT_SECONDS, seconds))
-        all_headers = {**(headers or {}), **self._headers(call, url, body)}
+        all_headers = {**(headers or {}), **self._headers(call, method, url, body)}
         where = f"{method} {_display(url)}"
         try:
             return self._client.request(
@@ -254,10 +265,17 @@ class HttpAgentBackend:
         location = str(response.url.join(header)) if header else previous
         if location is None:  # start() rejects a 202 without Location before we get here
             raise AgentError(f"{self._describe(call, response)} without a Location header", retriable=False)
-        if httpx.URL(location).scheme not in _DEFAULT_PORTS or len(location) > MAX_LOCATION_CHARS:
+        url = httpx.URL(location)
+        if url.scheme not in _DEFAULT_PORTS or len(location) > MAX_LOCATION_CHARS:
             raise AgentError(
                 f"{self._describe(call, response)} with a Location that is not an http(s) URL of at most "
                 f"{MAX_LOCATION_CHARS} characters",
+                retriable=False,
+            )
+        if _origin(url) != self._origin:
+            raise AgentError(
+                f"{self._describe(call, response)} with a Location ({_display(url)}) that is not on the "
+                f"agent endpoint's origin {_display_origin(self._origin)}: polls go only there",
                 retriable=False,
             )
         retry_after = parse_retry_after(response.headers.get("retry-after"))
@@ -334,6 +352,11 @@ def _rfc3339(value: datetime) -> str:
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
+
+
+def _display_origin(origin: tuple[str, str, int | None]) -> str:
+    scheme, host, port = origin
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def _display(url: httpx.URL) -> str:
