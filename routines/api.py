@@ -115,10 +115,15 @@ class PreviewRequest(Model):
     def _aware(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("must carry a time zone offset (RFC 3339)")
+        if value is None:
+            return None
         try:
-            return None if value is None else value.astimezone(UTC)
+            value = value.astimezone(UTC)
         except OverflowError:
             raise ValueError("is out of range in UTC") from None
+        if value.year >= 2200:  # as a timer's ``at``: previews stay far from the end of the calendar
+            raise ValueError("must be before the year 2200")
+        return value
 
 
 class DispatchRequest(Model):
@@ -317,5 +322,7 @@ class Api:
         try:
             self.store.ping()
         except RoutinesError as exc:
-            return Response(503, {"status": "unavailable", "detail": str(exc)})
+            # The error names accounts and endpoints: it goes to the log, not to an anonymous caller.
+            log.warning("health: storage unavailable: %s", exc)
+            return Response(503, {"status": "unavailable"})
         return Response(200, {"status": "ok"})

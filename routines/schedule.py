@@ -363,6 +363,15 @@ class CronSchedule:
     def next_after(self, after: datetime) -> datetime:
         """The first fire strictly after ``after``. Raises ``ScheduleError`` if none before year 9999."""
         after_utc = _require_aware(after, "after")
+        try:
+            found = self._next_after(after_utc)
+        except OverflowError:  # a wall clock or instant past 9999-12-31, where ``datetime`` ends
+            found = None
+        if found is None:
+            raise ScheduleError(f"Cron expression '{self.expression}' has no fire before the year 9999.")
+        return found
+
+    def _next_after(self, after_utc: datetime) -> datetime | None:
         local = after_utc.astimezone(self._zone)
         wall = local.replace(tzinfo=None)
         start = wall.replace(microsecond=0)
@@ -392,8 +401,6 @@ class CronSchedule:
             found = best
         elif best is not None:
             found = min(found, best)
-        if found is None:
-            raise ScheduleError(f"Cron expression '{self.expression}' has no fire before the year 9999.")
         return found
 
     def _first_occurrence_after(self, start: datetime, after_utc: datetime) -> datetime | None:

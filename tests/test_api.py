@@ -1166,6 +1166,19 @@ def test_preview_invalid_is_422(client: Client, body: dict[str, Any], loc: list[
     assert_problem(client.post("/api/preview", body), 422, loc)
 
 
+@pytest.mark.parametrize(
+    "after",
+    [
+        pytest.param("2200-01-01T00:00:00Z", id="year-2200"),
+        pytest.param("9999-12-31T23:59:59Z", id="year-9999"),
+        pytest.param("9999-12-31T23:59:59-05:00", id="after-year-9999-in-utc"),
+    ],
+)
+def test_preview_after_must_be_before_2200(client: Client, after: str) -> None:
+    body = {"trigger": cron("0 * * * *"), "after": after}
+    assert_problem(client.post("/api/preview", body), 422, ["after"])
+
+
 # --- health and OpenAPI ---------------------------------------------------------------------------------
 
 
@@ -1179,10 +1192,11 @@ class DownStore(MemoryStore):
         raise StorageUnavailable("storage is down")
 
 
-def test_health_is_503_when_storage_does_not_answer() -> None:
+def test_health_is_503_when_storage_does_not_answer(caplog: pytest.LogCaptureFixture) -> None:
     response = make_client(DownStore()).get("/api/health")
-    assert response.status == 503
-    assert response.body["status"] != "ok"
+
+    assert (response.status, response.body) == (503, {"status": "unavailable"}), "no storage error text"
+    assert "storage is down" in caplog.text, "the error is logged instead"
 
 
 def test_storage_outage_on_a_route_is_503() -> None:

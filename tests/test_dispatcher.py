@@ -51,6 +51,7 @@ from routines.store.tables import TableStore
 from tests.fake_agent import FakeAgent, Reply
 
 TOKEN = "tok-dispatch-5e1d"
+SIGNING_SECRET = "sig-0b7e3c9a"  # the fake agent checks every request's signature
 EVERY_SECOND = ScheduleTrigger(type="schedule", cron_expression="* * * * * *")  # any whole second is a fire
 
 
@@ -265,7 +266,10 @@ def rig(storage_env: dict[str, str]) -> Iterator[Rig]:
     azure_queue.ensure()
     plain_tables, plain_queue = storage_clients(settings)
     reader = TableStore(plain_tables, settings.table_prefix)
-    with FakeAgent(token=TOKEN) as agent, HttpAgentBackend(agent.url, token=TOKEN) as backend:
+    with (
+        FakeAgent(token=TOKEN, signing_secret=SIGNING_SECRET) as agent,
+        HttpAgentBackend(agent.url, token=TOKEN, signing_secret=SIGNING_SECRET) as backend,
+    ):
         yield Rig(
             settings,
             store,

@@ -43,9 +43,12 @@ class Client:
             return exc.code, dict(exc.headers), json.loads(raw) if raw else None
 
 
+SIGNING_SECRET = "e2e-sig-5d1f"  # the devhost reads it from its settings; the fake agent checks it
+
+
 @pytest.fixture
 def agent() -> Iterator[FakeAgent]:
-    with FakeAgent() as fake:
+    with FakeAgent(signing_secret=SIGNING_SECRET) as fake:
         yield fake
 
 
@@ -55,6 +58,7 @@ def devhost(storage_env: dict[str, str], agent: FakeAgent) -> Iterator[Client]:
         **storage_env,
         "ROUTINES_AGENT_BACKEND": "http",
         "ROUTINES_AGENT_ENDPOINT": agent.url,
+        "ROUTINES_AGENT_SIGNING_SECRET": SIGNING_SECRET,
         "ROUTINES_MIN_INTERVAL_SECONDS": "1",
     }
     with devhost_process(settings) as base:

@@ -707,6 +707,11 @@ TRIGGER_CASES = [
         "2026-11-29T20:00:00Z",
         "2026-11-30T06:00:00Z",
     ),
+    # Past the end of the calendar there is no next fire, wherever the zone's wall clock is.
+    ("calendar_end_utc", Schedule("0 * * * *", "UTC"), "9999-12-31T23:30:00Z", None),
+    ("calendar_end_behind_utc", Schedule("0 * * * *", "America/New_York"), "9999-12-31T23:30:00Z", None),
+    ("calendar_end_ahead_of_utc", Schedule("0 * * * *", "Pacific/Kiritimati"), "9999-12-31T23:00:00Z", None),
+    ("calendar_end_seconds", Schedule("* * * * * *", "Pacific/Kiritimati"), "9999-12-31T23:00:00Z", None),
 ]
 
 
