@@ -54,6 +54,7 @@ POLL_BACKOFF: Final = 0.25  # poll again after a quarter of the time the run has
 HEARTBEAT: Final = timedelta(seconds=30)  # a poll chain writes the run this often (repair reads it)
 FIRST_CHECK: Final = LEASE + timedelta(seconds=5)  # a watch is first checked this long after its fire
 STALE: Final = "stale fire: the routine was disabled or rescheduled"
+GONE: Final = "the routine was deleted"
 
 
 class _Unknown:
@@ -237,8 +238,8 @@ def _routine_gone(f: Facts) -> Step:
     if isinstance(f.run, _Unknown):
         return Load("run")
     if f.run is None or f.run.status.terminal:
-        return Done((_unwatch(f.message),), "the routine was deleted")
-    return _end_cancelled(f, f.run, "the routine was deleted")
+        return Done((_unwatch(f.message),), GONE)
+    return _end_cancelled(f, f.run, GONE)
 
 
 def _stale_fire(f: Facts, routine: Routine) -> Step:

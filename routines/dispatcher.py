@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from routines import decide, lifecycle, telemetry
+from routines.agents import bounds
 from routines.agents.base import AgentBackend, AgentCall, AgentError, AgentOutcome
 from routines.decide import UNKNOWN, Facts
 from routines.errors import Conflict, NotFound, PreconditionFailed, StorageUnavailable
@@ -139,9 +140,11 @@ class Dispatcher:
                 self.sleep(step.seconds)
                 facts = dataclasses.replace(facts, now=self.clock())
             elif isinstance(step, decide.Done):
+                m = facts.message
                 if step.why == decide.STALE:  # guarantee 4, and the soak reads this line
-                    m = facts.message
                     log.info("dropping stale fire %s of routine %s", m.scheduled_for, m.routine_id)
+                elif step.why == decide.GONE and m.kind == "fire":  # the soak reads this one too
+                    log.info("dropping fire %s of deleted routine %s", m.scheduled_for, m.routine_id)
                 called = None
                 for effect in step.effects:
                     called = self._perform(facts, effect)
@@ -303,10 +306,12 @@ class Dispatcher:
         try:
             with telemetry.span(name, telemetry.call_attributes(call, plan.name)):
                 call = telemetry.with_traceparent(call)  # the agent sees this span as its caller
+                backend, handle = self.backend, run.progress.poll or {}
                 if starting:
-                    outcome = self.backend.start(call)
+                    outcome = bounds.within_deadline(lambda: backend.start(call), call, self.clock)
                 else:
-                    outcome = self.backend.poll(call, run.progress.poll or {})
+                    outcome = bounds.within_deadline(lambda: backend.poll(call, handle), call, self.clock)
+                outcome = bounds.checked(outcome, call)
         except AgentError as exc:
             outcome = exc
         if isinstance(outcome, AgentOutcome):

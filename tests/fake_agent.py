@@ -115,7 +115,8 @@ class Reply:
     """What the fake agent answers to one invocation.
 
     ``body`` None means: echo for a 200, ``{"error": "scripted <status>"}`` otherwise; ``bytes`` are
-    sent as they are; anything else as JSON. ``delay`` seconds pass before the answer. For ``202``:
+    sent as they are; anything else as JSON. ``delay`` seconds pass before the answer; with ``trickle``
+    the body then goes out one byte every ``trickle`` seconds (an agent holding the call open). For ``202``:
     ``polls`` GETs answer 202 before the run completes (or, when set, ``done_after`` seconds after the
     start), then the GET answers ``final`` (default: echo 200); ``location`` picks the Location form,
     and ``headers`` (e.g. Retry-After) go on the first 202 and on every pending poll.
@@ -129,6 +130,7 @@ class Reply:
     done_after: float | None = None
     final: Reply | None = None
     location: Literal["relative", "absolute", "none"] = "relative"
+    trickle: float = 0.0
 
     @classmethod
     def ok(cls, output: Any = None, *, thread_id: str | None = None, **fields: Any) -> Reply:
@@ -154,6 +156,11 @@ class Reply:
     def slow(cls, seconds: float, then: Reply | None = None) -> Reply:
         """``then`` (default: echo) after ``seconds``: a slow agent, or one that outlives a timeout."""
         return replace(then or cls(), delay=seconds)
+
+    @classmethod
+    def trickling(cls, interval: float, then: Reply | None = None) -> Reply:
+        """``then`` (default: echo) with its body sent one byte every ``interval`` seconds."""
+        return replace(then or cls(), trickle=interval)
 
     @classmethod
     def pending(
@@ -212,6 +219,7 @@ class _Answer(NamedTuple):
     headers: dict[str, str]
     body: bytes
     delay: float = 0.0  # slept by the handler thread, outside the lock
+    trickle: float = 0.0  # seconds between the body's bytes
 
 
 class FakeAgent:
@@ -450,7 +458,7 @@ class FakeAgent:
     def _render(self, reply: Reply, request: dict[str, Any], run_id: str | None = None) -> _Answer:
         if isinstance(reply.body, bytes):
             headers = {"Content-Type": "application/octet-stream", **reply.headers}
-            return _Answer(reply.status, headers, reply.body, reply.delay)
+            return _Answer(reply.status, headers, reply.body, reply.delay, reply.trickle)
         if reply.body is not None:
             payload = reply.body
         elif reply.status == 200:
@@ -462,7 +470,7 @@ class FakeAgent:
         else:
             payload = {"error": f"scripted {reply.status}"}
         answer = _json(reply.status, payload, reply.delay)
-        return answer._replace(headers={**answer.headers, **reply.headers})
+        return answer._replace(headers={**answer.headers, **reply.headers}, trickle=reply.trickle)
 
     def _wait(self, seconds: float) -> None:
         self._stopping.wait(seconds)
@@ -477,7 +485,7 @@ class FakeAgent:
             "kind": call.kind,
             "agent": call.agent,
             "status": answer.status,
-            "delay": answer.delay,
+            "delay": answer.delay + answer.trickle * len(answer.body),  # until the answer was whole
             "idempotency_key": call.idempotency_key,
             "attempt": call.attempt,
             "run_id": call.body.get("run_id") if isinstance(call.body, dict) else None,
@@ -514,7 +522,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(answer.body)))
             self.end_headers()
-            self.wfile.write(answer.body)
+            if answer.trickle:
+                self.wfile.flush()
+                for i in range(len(answer.body)):
+                    if agent._stopping.is_set():
+                        break
+                    self.wfile.write(answer.body[i : i + 1])
+                    self.wfile.flush()
+                    agent._wait(answer.trickle)
+            else:
+                self.wfile.write(answer.body)
         except ConnectionError:  # the client gave up on a slow reply
             self.close_connection = True
         agent._record(call, answer)
@@ -553,6 +570,8 @@ class Chaos:
     pending_rate: float = 0.0
     slow_seconds: float = 30.0
     rng: random.Random = field(default_factory=random.Random)
+    trickle_rate: float = 0.0  # answers sent a byte at a time, over about slow_seconds
+    huge_id_rate: float = 0.0  # answers whose thread_id and id are far too long to store
 
     def __call__(self, call: Call) -> Reply:
         roll = self.rng.random()
@@ -564,6 +583,12 @@ class Chaos:
         roll -= self.slow_rate
         if roll < self.pending_rate:
             return Reply.pending(polls=self.rng.randint(1, 3), retry_after=1)
+        roll -= self.pending_rate
+        if roll < self.trickle_rate:
+            return Reply.trickling(self.slow_seconds / 100)  # an echo is about 100 bytes
+        roll -= self.trickle_rate
+        if roll < self.huge_id_rate:
+            return Reply.ok("huge ids", thread_id="t" * 600, id="r" * 5000)
         return Reply()
 
 
@@ -577,12 +602,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slow-rate", type=float, default=0.0, help="share of answers after --slow-seconds")
     parser.add_argument("--slow-seconds", type=float, default=30.0)
     parser.add_argument("--pending-rate", type=float, default=0.0, help="share of 202 + polling runs")
+    parser.add_argument(
+        "--trickle-rate", type=float, default=0.0, help="share of answers sent a byte at a time"
+    )
+    parser.add_argument("--huge-id-rate", type=float, default=0.0, help="share of answers with huge ids")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--log", help="append every answered request to this file as a JSON line")
     args = parser.parse_args(argv)
 
     chaos = Chaos(
-        args.fail_rate, args.slow_rate, args.pending_rate, args.slow_seconds, random.Random(args.seed)
+        args.fail_rate,
+        args.slow_rate,
+        args.pending_rate,
+        args.slow_seconds,
+        random.Random(args.seed),
+        args.trickle_rate,
+        args.huge_id_rate,
     )
     stop = threading.Event()
 

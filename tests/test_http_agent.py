@@ -6,6 +6,7 @@ processes, the way the README and the soak test do.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import hmac
 import json
@@ -623,13 +624,52 @@ def test_connection_refused_is_retriable() -> None:
 def test_slow_agent_past_the_deadline_times_out_retriably(
     agent: FakeAgent, backend: HttpAgentBackend
 ) -> None:
-    agent.script("asst_abc123", [Reply.slow(5.0)])
+    agent.script("asst_abc123", [Reply.slow(60.0)])
     began = time.monotonic()
     error = start_error(backend, make_call(deadline=datetime.now(UTC) + timedelta(seconds=1.2)))
 
     assert error.retriable
     assert "timed out" in str(error)
-    assert time.monotonic() - began < 3.5
+    assert time.monotonic() - began < 30, "given up on long before the agent would have answered"
+
+
+def test_an_answer_trickling_past_the_deadline_times_out_retriably(
+    agent: FakeAgent, backend: HttpAgentBackend
+) -> None:
+    """Each byte arrives well inside the socket's read timeout; the call as a whole does not."""
+    agent.script("asst_abc123", [Reply.trickling(0.25)])  # ~100 bytes: 25 s to send
+    began = time.monotonic()
+    error = start_error(backend, make_call(deadline=datetime.now(UTC) + timedelta(seconds=1.5)))
+
+    assert error.retriable
+    assert "still arriving at the call's deadline" in str(error)
+    assert time.monotonic() - began < 20, "given up on long before the agent would have finished"
+
+
+def test_an_answer_trickling_inside_the_deadline_is_read_whole(
+    agent: FakeAgent, backend: HttpAgentBackend
+) -> None:
+    agent.script("asst_abc123", [Reply.trickling(0.001, Reply.ok("slow but fine"))])
+
+    outcome = backend.start(make_call(deadline=datetime.now(UTC) + timedelta(seconds=60)))
+
+    assert (outcome.done, outcome.output) == (True, "slow but fine")
+
+
+def test_an_answer_over_a_mebibyte_fails_the_attempt(agent: FakeAgent, backend: HttpAgentBackend) -> None:
+    agent.script("asst_abc123", [Reply.ok("x" * (1024 * 1024 + 1))])
+
+    error = start_error(backend)
+
+    assert not error.retriable
+    assert "more than 1048576 bytes" in str(error)
+
+
+def test_a_gzip_answer_is_decoded(agent: FakeAgent, backend: HttpAgentBackend) -> None:
+    body = gzip.compress(json.dumps({"output": "zipped"}).encode())
+    agent.script("asst_abc123", [Reply(body=body, headers={"Content-Encoding": "gzip"})])
+
+    assert backend.start(make_call()).output == "zipped"
 
 
 def test_deadline_already_passed_sends_nothing(agent: FakeAgent, backend: HttpAgentBackend) -> None:

@@ -4,6 +4,7 @@ in-memory store, a fake clock and a fake agent, and shows it now ends as exactly
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -327,6 +328,64 @@ def test_the_last_delivery_of_a_failing_message_ends_its_run_failed_and_poisons_
     assert run.error_message == "its dispatch message failed on every delivery: RuntimeError: a bug"
     assert len(poisoned) == 1
     assert world.store.get_slot(rid) is None
+
+
+@pytest.mark.parametrize(
+    "outcome, complaint",
+    [
+        pytest.param(
+            AgentOutcome(done=True, thread_id="t" * 500), "thread_id of 500 characters", id="thread_id"
+        ),
+        pytest.param(AgentOutcome(done=True, agent_run_id="r" * 5000), "run id of 5000", id="run_id"),
+        pytest.param(AgentOutcome(done=True, thread_id="a\nb"), "control characters", id="thread_id_newline"),
+        pytest.param(AgentOutcome(done=False, handle={"x": "y" * 2000}), "handle is 2009 bytes", id="handle"),
+    ],
+)
+def test_agent_supplied_values_that_do_not_fit_fail_the_attempt_and_keep_the_routine_readable(
+    outcome: AgentOutcome, complaint: str
+) -> None:
+    """Window 3: a 500-character thread id was saved on the routine, and GET, DELETE and the list
+    answered 500 from then on."""
+    world = World()
+    world.agent.start = lambda call: outcome  # type: ignore[method-assign]
+    rid = world.create(
+        trigger={"type": "schedule", "cron_expression": "0 1 12 * * *"},
+        actions=[{"type": "response", "agent_name": "a", "input": "x"}],
+    )
+    world.run_for(65)
+    [run] = world.runs(rid)
+    assert run.status is RunStatus.failed
+    assert complaint in (run.error_message or "")
+    routine = world.call(lambda a: a.get_routine, id=rid)
+    assert routine["actions"][0].get("thread_id") is None, "nothing the agent sent was kept"
+
+
+def test_an_agent_that_never_answers_is_given_up_on_at_the_call_deadline() -> None:
+    """Window 8: socket timeouts bound each read, not the call, so a trickling agent held a call
+    open past its lease. The wait is real time here: one second of timeout, plus the grace."""
+    world = World()
+    release = threading.Event()
+    calls: list[AgentCall] = []
+
+    def hangs(call: AgentCall) -> AgentOutcome:
+        calls.append(call)
+        release.wait(60)
+        return AgentOutcome(done=True, output="too late")
+
+    world.agent.start = hangs  # type: ignore[method-assign]
+    rid = world.create(
+        trigger={"type": "schedule", "cron_expression": "0 1 12 * * *"},
+        timeout_seconds=1,
+        retry_policy={"max_attempts": 1},
+    )
+    try:
+        world.run_for(62)
+    finally:
+        release.set()
+    [run] = world.runs(rid)
+    assert run.status is RunStatus.failed
+    assert "did not answer by the call's deadline" in (run.error_message or "")
+    assert len(calls) == 1
 
 
 def test_a_timer_rescheduled_while_its_fire_runs_is_not_completed() -> None:

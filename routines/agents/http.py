@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -56,6 +57,8 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 CANCEL_TIMEOUT_SECONDS = 5.0
 BODY_EXCERPT_CHARS = 300
 MAX_LOCATION_CHARS = 900  # the handle must stay under 1 KiB
+MAX_RESPONSE_BYTES = 1024 * 1024  # an answer's body; outputs are cut far below this anyway
+_BODY_FRAMING = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 _RETRIABLE_STATUSES = frozenset({408, 429})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -64,7 +67,7 @@ class HttpAgentBackend:
     """Starts, polls and cancels agent runs over the HTTP protocol above.
 
     One ``httpx.Client`` per backend, so connections are pooled across calls; a ``client`` passed in is
-    used as is and not closed by ``close()``. ``timeout`` caps one request (connect + each read);
+    used as is and not closed by ``close()``. ``timeout`` caps one request, the whole answer included;
     a call's ``deadline`` lowers it further. ``clock`` is read for signature timestamps and deadlines.
     Raises ``ValueError`` for an endpoint that is not an http(s) URL.
     """
@@ -204,10 +207,16 @@ class HttpAgentBackend:
         timeout = httpx.Timeout(seconds, connect=min(CONNECT_TIMEOUT_SECONDS, seconds))
         all_headers = {**(headers or {}), **self._headers(call, method, url, body)}
         where = f"{method} {_display(url)}"
+        request = self._client.build_request(
+            method, url, content=body or None, headers=all_headers, timeout=timeout
+        )
+        ends = time.monotonic() + seconds
         try:
-            return self._client.request(
-                method, url, content=body or None, headers=all_headers, timeout=timeout
-            )
+            streamed = self._client.send(request, stream=True)
+            try:
+                content = self._read(call, streamed, ends, where)
+            finally:
+                streamed.close()
         except httpx.TimeoutException as exc:
             raise AgentError(
                 f"agent {call.agent!r} timed out after {seconds:.1f}s on {where} ({type(exc).__name__})",
@@ -221,6 +230,30 @@ class HttpAgentBackend:
                 f"{type(exc).__name__}: {self._scrub(str(exc))}",
                 retriable=True,
             ) from exc
+        # The body is whole and decoded: a plain response from here on.
+        kept = [(k, v) for k, v in streamed.headers.multi_items() if k.lower() not in _BODY_FRAMING]
+        return httpx.Response(streamed.status_code, headers=kept, content=content, request=request)
+
+    def _read(self, call: AgentCall, response: httpx.Response, ends: float, where: str) -> bytes:
+        """The whole body, by ``ends`` (monotonic) and at most ``MAX_RESPONSE_BYTES``: the socket timeout
+        bounds each read, this bounds the answer (an agent trickling bytes cannot hold the call open)."""
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise AgentError(
+                    f"agent {call.agent!r} answered {where} with more than {MAX_RESPONSE_BYTES} bytes",
+                    retriable=False,
+                )
+            if time.monotonic() > ends:
+                raise AgentError(
+                    f"agent {call.agent!r} timed out on {where}: the answer was still arriving at the "
+                    "call's deadline",
+                    retriable=True,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _outcome(self, call: AgentCall, response: httpx.Response, *, previous: str | None) -> AgentOutcome:
         status = response.status_code
