@@ -57,6 +57,7 @@ SHUTDOWN_GRACE_SECONDS = 30.0
 PROCESSING_VISIBILITY_SECONDS = 600
 MIN_POLLING_INTERVAL = 0.1
 MAX_REQUEST_BODY = 100 * 1024 * 1024  # the Functions host's request size limit
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})  # Host headers the devhost answers
 PAST_DUE_AFTER = timedelta(seconds=1)
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
@@ -584,6 +585,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return _problem(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_REQUEST_BODY} bytes"
             )
+        refusal = self._refuse(body)
+        if refusal is not None:
+            return refusal
         path, _, query = self.path.partition("?")
         router = self.server.host.router
         method = self.command.upper()
@@ -617,6 +621,23 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 HTTPStatus.INTERNAL_SERVER_ERROR, f"function {route.spec.name} raised {type(exc).__name__}"
             )
         return _response_parts(route.spec.name, result)
+
+    def _refuse(self, body: bytes) -> tuple[int, dict[str, str], bytes] | None:
+        """What a web page must not be able to do to this machine's devhost: reach it under another
+        name (DNS rebinding points a name the page controls at 127.0.0.1), or send it a body without
+        a ``Content-Type`` (a "simple" cross-origin request that no CORS preflight stops)."""
+        name = _host_name(self.headers.get("Host") or "localhost")
+        if name not in LOOPBACK_NAMES:
+            return _problem(
+                HTTPStatus.MISDIRECTED_REQUEST,
+                f"the devhost answers only to loopback names ({', '.join(sorted(LOOPBACK_NAMES))}), "
+                f"not {name!r}",
+            )
+        if body and not self.headers.get("Content-Type"):
+            return _problem(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "a request body needs a Content-Type (application/json)"
+            )
+        return None
 
     def _read_body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -674,6 +695,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if name.startswith("do_") and (name[3:] in HTTP_METHODS or _METHOD_TOKEN.match(name[3:])):
             return self._handle
         raise AttributeError(name)
+
+
+def _host_name(host: str) -> str:
+    """``host`` of a Host header without its port: ``[::1]:7071`` -> ``::1``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
 def _query_params(query: str) -> dict[str, str]:

@@ -285,7 +285,7 @@ def test_route_params_query_and_body_round_trip(http: httpx.Client) -> None:
         "/api/items/a%20b",
         params=[("x", "1"), ("y", "two"), ("x", "3")],
         content=body,
-        headers={"X-Test": "t"},
+        headers={"X-Test": "t", "Content-Type": "application/octet-stream"},
     )
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
@@ -297,6 +297,29 @@ def test_route_params_query_and_body_round_trip(http: httpx.Client) -> None:
     assert data["body"].encode("latin-1") == body
     assert data["header"] == "t"
     assert data["url"] == str(response.request.url)
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:7071", "10.0.0.5", "localhost.evil.example"])
+def test_a_request_under_another_host_name_is_refused(http: httpx.Client, host: str) -> None:
+    """DNS rebinding: a web page's name pointed at 127.0.0.1 reaches the devhost with its own Host."""
+    response = http.post("/api/created", json={}, headers={"Host": host})
+    assert response.status_code == 421
+    assert "loopback" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST:7071", "127.0.0.1:1", "[::1]:7071"])
+def test_loopback_host_names_are_served(http: httpx.Client, host: str) -> None:
+    assert http.post("/api/created", json={}, headers={"Host": host}).status_code == 201
+
+
+def test_a_body_without_content_type_is_refused(http: httpx.Client) -> None:
+    """A page may send a "simple" cross-origin POST with no Content-Type, which no preflight stops."""
+    response = http.post("/api/created", content=b"{}")
+    assert response.status_code == 415
+    assert (
+        http.post("/api/created", content=b"{}", headers={"Content-Type": "application/json"}).status_code
+        == 201
+    )
 
 
 def test_methods_are_case_insensitive_and_limited(http: httpx.Client) -> None:
