@@ -13,7 +13,7 @@ import requests.adapters
 from azure.core.exceptions import AzureError, ResourceExistsError
 from azure.core.pipeline.transport import RequestsTransport
 from azure.data.tables import TableServiceClient
-from azure.storage.queue import QueueClient, TextBase64EncodePolicy
+from azure.storage.queue import ExponentialRetry, QueueClient, TextBase64EncodePolicy
 
 from routines.agents.base import AgentBackend
 from routines.api import Api
@@ -24,6 +24,11 @@ from routines.messages import DispatchMessage, whole_seconds
 from routines.store.tables import TableStore
 
 log = logging.getLogger(__name__)
+# One SDK retry layer, a few seconds long, so a refused request is retried past a short outage and
+# an API call or a tick is never held for long (the layers above re-queue or answer 503). Tables
+# (azure-core's policy): 0.4, 0.8, 1.6 s. Queues use the storage SDK's own policy, which ignores
+# ``retry_backoff_factor`` and whose default waits 15, 18 and 24 s (a minute inside one send); its
+# ``initial_backoff + increment_base ** count`` +- jitter gives here 0-1, 1-3 and 3-5 s.
 _RETRIES = {"retry_total": 3, "retry_backoff_factor": 0.4}
 
 
@@ -80,6 +85,10 @@ def _session() -> requests.Session:
     return session
 
 
+def queue_retry() -> ExponentialRetry:
+    return ExponentialRetry(initial_backoff=0, increment_base=2, retry_total=3, random_jitter_range=1)
+
+
 def storage_clients(
     settings: Settings, hook: Callable[[Any], None] | None = None
 ) -> tuple[TableServiceClient, AzureQueue]:
@@ -99,13 +108,10 @@ def storage_clients(
         tables = TableServiceClient(endpoint=target.table_endpoint or "", credential=credential, **extra)
 
     def make_queue(name: str) -> QueueClient:
+        options = {**extra, "message_encode_policy": encode, "retry_policy": queue_retry()}
         if target.connection_string:
-            return QueueClient.from_connection_string(
-                target.connection_string, name, message_encode_policy=encode, **extra
-            )
-        return QueueClient(
-            target.queue_endpoint or "", name, credential=credential, message_encode_policy=encode, **extra
-        )
+            return QueueClient.from_connection_string(target.connection_string, name, **options)
+        return QueueClient(target.queue_endpoint or "", name, credential=credential, **options)
 
     return tables, AzureQueue(make_queue(settings.queue_name), make_queue(settings.poison_queue_name))
 
