@@ -4,15 +4,25 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test lint bench bench-install bench-quick
+.PHONY: install run test lint lock bench bench-install bench-quick
 
 install: $(VENV)/.installed node_modules/.installed
 
+# requirements*.txt pin every package exactly (compiled from the .in files by `make lock`), so the
+# venv's own pip, whatever its version, installs them without resolving anything.
 $(VENV)/.installed: requirements.txt requirements-dev.txt client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-dev.txt
+	$(PY) -m pip check
 	touch $@
+
+# After changing requirements.in or requirements-dev.in: the pinned files again, keeping every pin
+# that still fits (`--upgrade` in UV_ARGS to move to the newest versions).
+LOCK := $(PY) -m uv pip compile --quiet --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+	--custom-compile-command "make lock" $(UV_ARGS)
+lock: install
+	$(LOCK) requirements.in -o requirements.txt
+	$(LOCK) requirements-dev.in -o requirements-dev.txt
 
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
