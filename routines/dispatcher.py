@@ -26,7 +26,6 @@ from routines.decide import UNKNOWN, Facts
 from routines.errors import Conflict, NotFound, PreconditionFailed, StorageUnavailable
 from routines.messages import DispatchMessage, DispatchQueue
 from routines.models import (
-    OUTPUT_LIMIT_BYTES,
     ResponseAction,
     Routine,
     Run,
@@ -46,15 +45,6 @@ REQUEUE_MIN, REQUEUE_MAX = 2.0, 60.0  # back-off of a message re-queued while st
 
 class PoisonMessage(ValueError):  # named for what happens to the message
     """The message cannot be read; it belongs in the poison queue."""
-
-
-def truncate_output(text: str | None) -> str | None:
-    if text is None:
-        return None
-    data = text.encode()
-    if len(data) <= OUTPUT_LIMIT_BYTES:
-        return text
-    return data[:OUTPUT_LIMIT_BYTES].decode(errors="ignore")
 
 
 def requeue_delay(message: DispatchMessage, now: datetime) -> float:
@@ -314,8 +304,6 @@ class Dispatcher:
                 outcome = bounds.checked(outcome, call)
         except AgentError as exc:
             outcome = exc
-        if isinstance(outcome, AgentOutcome):
-            outcome = dataclasses.replace(outcome, output=truncate_output(outcome.output))
         return dataclasses.replace(facts, now=self.clock(), called=index, outcome=outcome)
 
     def _cancel_agent(self, run: Run, now: datetime) -> None:

@@ -21,13 +21,9 @@ from azure.core.pipeline import PipelineRequest
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 
 from routines.agents.base import AgentCall, AgentOutcome
-from routines.agents.foundry import (
-    FoundryBackend,
-    cap_output,
-    credential_for,
-    limit_metadata,
-    retry_after_seconds,
-)
+from routines.agents.foundry import FoundryBackend, credential_for
+from routines.agents.foundry.common import limit_metadata
+from routines.agents.wire import cap_utf8, retry_after_seconds
 from routines.errors import AgentError
 from tests.fake_foundry import FakeFoundry, Outcome
 
@@ -786,8 +782,8 @@ def test_huge_output_is_capped(fake: FakeFoundry, backend: FoundryBackend, kind:
         pytest.param("€€", 5, "€", id="three_byte_character"),
     ],
 )
-def test_cap_output(text: str, limit: int, expected: str) -> None:
-    assert cap_output(text, limit) == expected
+def test_cap_utf8(text: str, limit: int, expected: str) -> None:
+    assert cap_utf8(text, limit) == expected
 
 
 @pytest.mark.parametrize(

@@ -26,8 +26,9 @@ import httpx
 import pytest
 
 from routines.agents.base import AgentCall, AgentOutcome
-from routines.agents.http import HttpAgentBackend, parse_retry_after
+from routines.agents.http import HttpAgentBackend
 from routines.agents.signature import sign, verify
+from routines.agents.wire import parse_retry_after
 from routines.errors import AgentError
 from tests.fake_agent import Call, FakeAgent, Reply
 

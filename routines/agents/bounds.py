@@ -6,19 +6,23 @@
   the agent a second time. A call given up on keeps its thread until the backend's own timeouts end it;
   its result is dropped (the retry carries the same idempotency key).
 * Bounds on agent-supplied values: ids the routine or the run row could not store, and handles larger
-  than a queue message should carry, fail the attempt with a clear error instead of breaking reads later.
+  than a queue message should carry, fail the attempt with a clear error instead of breaking reads later;
+  the output is cut to what a run keeps (``OUTPUT_LIMIT_BYTES``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import dataclasses
 import json
 from collections.abc import Callable
 from datetime import datetime
 
 from routines.agents.base import AgentCall, AgentOutcome
+from routines.agents.wire import cap_utf8
 from routines.errors import AgentError
+from routines.models import OUTPUT_LIMIT_BYTES
 
 __all__ = ["checked", "within_deadline"]
 
@@ -52,8 +56,8 @@ def within_deadline(
 
 
 def checked(outcome: AgentOutcome, call: AgentCall) -> AgentOutcome:
-    """``outcome`` if every agent-supplied value fits where it will be stored; else a non-retriable
-    ``AgentError`` that says which value and why."""
+    """``outcome`` with its output cut to what a run keeps, if every agent-supplied value fits where it
+    will be stored; else a non-retriable ``AgentError`` that says which value and why."""
     _check_id(call, "thread_id", outcome.thread_id, MAX_THREAD_ID_CHARS)
     _check_id(call, "run id", outcome.agent_run_id, MAX_RUN_ID_CHARS)
     if outcome.handle is not None:
@@ -66,6 +70,8 @@ def checked(outcome: AgentOutcome, call: AgentCall) -> AgentOutcome:
                 f"agent {call.agent!r}: the run handle is {size} bytes; at most {MAX_HANDLE_BYTES} are kept",
                 retriable=False,
             )
+    if outcome.output is not None:
+        outcome = dataclasses.replace(outcome, output=cap_utf8(outcome.output, OUTPUT_LIMIT_BYTES))
     return outcome
 
 

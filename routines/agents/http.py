@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -44,9 +42,11 @@ import httpx
 
 from routines.agents.base import AgentCall, AgentOutcome
 from routines.agents.signature import SIGNATURE_HEADER, sign
+from routines.agents.wire import is_retriable_status, parse_retry_after
 from routines.errors import AgentError
+from routines.models import utc_text
 
-__all__ = ["HttpAgentBackend", "parse_retry_after"]
+__all__ = ["HttpAgentBackend"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ BODY_EXCERPT_CHARS = 300
 MAX_LOCATION_CHARS = 900  # the handle must stay under 1 KiB
 MAX_RESPONSE_BYTES = 1024 * 1024  # an answer's body; outputs are cut far below this anyway
 _BODY_FRAMING = frozenset({"content-encoding", "content-length", "transfer-encoding"})
-_RETRIABLE_STATUSES = frozenset({408, 429})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -261,7 +260,7 @@ class HttpAgentBackend:
             return self._done(call, response)
         if status == 202:
             return self._pending(call, response, previous)
-        retriable = status in _RETRIABLE_STATUSES or status >= 500
+        retriable = is_retriable_status(status)
         retry_after = parse_retry_after(response.headers.get("retry-after")) if retriable else None
         raise AgentError(
             f"{self._describe(call, response)}: {self._excerpt(response)}",
@@ -346,41 +345,12 @@ def invocation_body(call: AgentCall) -> dict[str, Any]:
         "routine_id": call.routine_id,
         "run_id": call.run_id,
         "idempotency_key": call.idempotency_key,
-        "scheduled_for": _rfc3339(call.scheduled_for),
+        "scheduled_for": utc_text(call.scheduled_for),
         "attempt": call.attempt,
         "type": call.action_type,
         "thread_id": call.thread_id,
         "input": call.input,
     }
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` value (delay seconds or an HTTP date), at least 0.
-
-    ``None`` when the header is absent or unreadable. ``now`` defaults to the current time.
-    """
-    if value is None:
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
-
-
-def _rfc3339(value: datetime) -> str:
-    # Same format as routines.models.utc_text; kept here so this backend imports without pydantic.
-    value = value.astimezone(UTC)
-    return value.isoformat(timespec="milliseconds" if value.microsecond else "seconds").replace("+00:00", "Z")
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:

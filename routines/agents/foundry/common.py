@@ -1,36 +1,20 @@
-"""The Foundry agent backend (SPEC section 7).
-
-``FoundryBackend`` routes each call by its agent reference:
-
-- ``agent_name`` (+ ``agent_version``): Foundry agents addressed by name, through the Responses API of
-  the OpenAI client that ``azure-ai-projects`` hands out (``foundry_responses.NamedAgents``);
-- ``agent_id`` starting ``asst_``: classic agents, threads and runs of ``azure-ai-agents``
-  (``foundry_classic.ClassicAgents``).
-
-Both start the agent in the background and return a pending outcome; the dispatcher polls later from a
-delayed queue message. The SDKs' own retries are off: a create-run POST retried by the SDK could start
-the agent twice, and the routine's retry policy with its idempotency key replaces them. This module also
-holds the pure helpers both protocols share: run metadata, input encoding, error classification.
-"""
+"""What both Foundry protocols share: run metadata, input encoding, error classification, and
+polling a started run against the call's deadline (``PollingProtocol``)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
-from azure.core.credentials import TokenCredential
 from azure.core.pipeline.policies import HTTPPolicy, SansIOHTTPPolicy
 
-from routines.agents.base import AgentBackend, AgentCall, AgentOutcome
+from routines.agents.base import AgentCall, AgentOutcome
+from routines.agents.wire import cap_utf8, is_retriable_status
 from routines.errors import AgentError
-
-__all__ = ["FoundryBackend", "credential_for"]
 
 log = logging.getLogger(__name__)
 
@@ -110,42 +94,8 @@ def input_text(call: AgentCall) -> str:
     return json.dumps(call.input, ensure_ascii=False, separators=(",", ":"))
 
 
-def cap_output(text: str, max_bytes: int = MAX_OUTPUT_BYTES) -> str:
-    """``text`` cut to at most ``max_bytes`` of UTF-8, never inside a character."""
-    encoded = text.encode("utf-8")
-    if len(encoded) <= max_bytes:
-        return text
-    return encoded[:max_bytes].decode("utf-8", errors="ignore")
-
-
-def retry_after_seconds(headers: Mapping[str, str], now: datetime) -> float | None:
-    """The server's back-off hint in seconds: ``retry-after-ms``, else ``Retry-After`` (seconds or date)."""
-    for name in ("retry-after-ms", "x-ms-retry-after-ms"):
-        raw = headers.get(name)
-        if raw:
-            try:
-                return max(0.0, float(raw) / 1000.0)
-            except ValueError:
-                pass
-    raw = headers.get("retry-after")
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
-
-
-def is_retriable_status(status: int | None) -> bool:
-    """408, 429 and 5xx are worth another attempt; so is no status at all (connection error, timeout)."""
-    return status is None or status in (408, 429) or status >= 500
+def cap_output(text: str) -> str:
+    return cap_utf8(text, MAX_OUTPUT_BYTES)
 
 
 def http_error(
@@ -274,113 +224,3 @@ def handle_str(handle: Mapping[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value:
         raise AgentError(f"poll handle {dict(handle)!r} has no {key!r}", retriable=False)
     return value
-
-
-# --- credential ----------------------------------------------------------------------------------
-
-_credentials: dict[str | None, TokenCredential] = {}
-_credentials_lock = threading.Lock()
-
-
-def credential_for(client_id: str | None) -> TokenCredential:
-    """The process-wide ``DefaultAzureCredential`` for the managed identity ``client_id``.
-
-    Created once per process and client id: every credential has its own token cache, so creating
-    one per dispatch would fetch a token per dispatch. ``None`` means the system-assigned identity (or
-    whatever ``DefaultAzureCredential`` finds first locally, such as an ``az login``).
-    """
-    with _credentials_lock:
-        credential = _credentials.get(client_id)
-        if credential is None:
-            from azure.identity import DefaultAzureCredential
-
-            credential = DefaultAzureCredential(managed_identity_client_id=client_id)
-            _credentials[client_id] = credential
-        return credential
-
-
-# --- the backend ---------------------------------------------------------------------------------
-
-
-class FoundryBackend:
-    """``AgentBackend`` for a Foundry project: agents by name (Responses API) and classic agents.
-
-    Clients are created once, here, and shared by concurrent dispatches (the OpenAI and azure-core
-    clients are safe to share between threads). ``per_call_policies`` go into the azure-core
-    pipeline of the classic client (tests pass one that allows plain-http loopback); ``timeout`` bounds
-    every HTTP request; ``poll_interval`` is the suggested delay before a poll; ``clock`` is read for
-    deadlines and ``Retry-After`` dates.
-    """
-
-    def __init__(
-        self,
-        endpoint: str,
-        credential: TokenCredential,
-        *,
-        per_call_policies: Sequence[PipelinePolicy] | None = None,
-        timeout: float = REQUEST_TIMEOUT_SECONDS,
-        poll_interval: float = POLL_INTERVAL_SECONDS,
-        clock: Clock = utc_now,
-    ) -> None:
-        # Imported here: both modules import the helpers above from this one.
-        from routines.agents.foundry_classic import ClassicAgents
-        from routines.agents.foundry_responses import NamedAgents
-
-        policies = list(per_call_policies or [])
-        self.named: NamedAgents = NamedAgents(
-            endpoint,
-            credential,
-            per_call_policies=policies,
-            timeout=timeout,
-            poll_interval=poll_interval,
-            clock=clock,
-        )
-        self.classic: ClassicAgents = ClassicAgents(
-            endpoint,
-            credential,
-            per_call_policies=policies,
-            timeout=timeout,
-            poll_interval=poll_interval,
-            clock=clock,
-        )
-
-    def start(self, call: AgentCall) -> AgentOutcome:
-        """Start the agent run for ``call``; pending with a handle (or done). Raises ``AgentError``."""
-        return self._backend_for_call(call).start(call)
-
-    def poll(self, call: AgentCall, handle: dict[str, Any]) -> AgentOutcome:
-        """Check the run ``handle`` names; past ``call.deadline`` cancel it and raise a retriable timeout."""
-        return self._backend_for_handle(handle).poll(call, handle)
-
-    def cancel(self, call: AgentCall, handle: dict[str, Any]) -> None:
-        """Best-effort cancel of the run ``handle`` names. Never raises."""
-        try:
-            backend = self._backend_for_handle(handle)
-        except AgentError:
-            log.warning("cannot cancel: unknown handle %r", handle)
-            return
-        backend.cancel(call, handle)
-
-    def close(self) -> None:
-        """Release the HTTP connections of both clients."""
-        self.named.close()
-        self.classic.close()
-
-    def _backend_for_call(self, call: AgentCall) -> AgentBackend:
-        if call.agent_name:
-            return self.named
-        if call.agent_id and call.agent_id.startswith("asst_"):
-            return self.classic
-        raise AgentError(
-            f"routine {call.routine_id} action {call.action_index}: agent_id {call.agent_id!r} is not a "
-            "classic Foundry agent id (asst_...); address Foundry agents by name with agent_name",
-            retriable=False,
-        )
-
-    def _backend_for_handle(self, handle: Mapping[str, Any]) -> AgentBackend:
-        kind = handle.get("kind")
-        if kind == "response":
-            return self.named
-        if kind == "thread_run":
-            return self.classic
-        raise AgentError(f"poll handle {dict(handle)!r} is not a Foundry handle", retriable=False)

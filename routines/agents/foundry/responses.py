@@ -21,7 +21,7 @@ from openai import APIConnectionError, APIStatusError, NotFoundError, OpenAIErro
 from openai.types.responses import Response
 
 from routines.agents.base import AgentCall, AgentOutcome
-from routines.agents.foundry import (
+from routines.agents.foundry.common import (
     Clock,
     PipelinePolicy,
     PollingProtocol,
@@ -30,10 +30,10 @@ from routines.agents.foundry import (
     http_error,
     input_text,
     poll_delay,
-    retry_after_seconds,
     run_failure,
     run_metadata,
 )
+from routines.agents.wire import retry_after_seconds
 from routines.errors import AgentError
 
 log = logging.getLogger(__name__)
