@@ -49,6 +49,8 @@ from azure.storage.queue import LinearRetry, QueueClient
 from azure.storage.queue import QueueMessage as StorageQueueMessage
 from croniter import croniter
 
+from routines.errors import RoutinesError
+
 log = logging.getLogger("routines.devhost")
 
 DEFAULT_PORT = 7071
@@ -67,7 +69,7 @@ _METHOD_TOKEN = re.compile(r"^[A-Z][A-Z0-9-]{0,31}$")
 QUEUE_NAME_RE = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]$")
 
 
-class DevHostError(RuntimeError):
+class DevHostError(RoutinesError, RuntimeError):
     """The app cannot be hosted as declared (the message names the function and setting)."""
 
 

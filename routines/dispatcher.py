@@ -23,7 +23,7 @@ from routines import decide, lifecycle, telemetry
 from routines.agents import bounds
 from routines.agents.base import AgentBackend, AgentCall, AgentError, AgentOutcome
 from routines.decide import UNKNOWN, Facts
-from routines.errors import Conflict, NotFound, PreconditionFailed, StorageUnavailable
+from routines.errors import Conflict, NotFound, PreconditionFailed, RoutinesError, StorageUnavailable
 from routines.messages import DispatchMessage, DispatchQueue
 from routines.models import (
     ResponseAction,
@@ -43,7 +43,7 @@ MAX_DELIVERIES = 5  # host.json extensions.queues.maxDequeueCount
 REQUEUE_MIN, REQUEUE_MAX = 2.0, 60.0  # back-off of a message re-queued while storage is unavailable
 
 
-class PoisonMessage(ValueError):  # named for what happens to the message
+class PoisonMessage(RoutinesError, ValueError):  # named for what happens to the message
     """The message cannot be read; it belongs in the poison queue."""
 
 

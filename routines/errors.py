@@ -1,4 +1,9 @@
-"""The small error tree every layer raises; adapters translate SDK errors into it."""
+"""The small error tree every layer raises; adapters translate SDK errors into it.
+
+Every error Routines raises on purpose is a ``RoutinesError``; what an error carries is in attributes,
+never in ``args``. Errors raised by other modules (``ScheduleError``, ``SettingsError``, ``SlotTaken``,
+``PoisonMessage``, ``DevHostError``) subclass it there, next to the code that raises them.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,24 @@ class RoutinesError(Exception):
     """Root of every error Routines raises on purpose."""
 
 
-class NotFound(RoutinesError):
+class Refused(RoutinesError):
+    """Storage refused an operation on the state it found. ``op``: the index of the failing operation
+    when it came from a write plan of several (a transaction), else None."""
+
+    def __init__(self, message: str, op: int | None = None) -> None:
+        super().__init__(message)
+        self.op = op
+
+
+class NotFound(Refused):
     """The routine or run does not exist."""
 
 
-class Conflict(RoutinesError):
+class Conflict(Refused):
     """The write conflicts with existing state (a name taken, a row already present)."""
 
 
-class PreconditionFailed(RoutinesError):
+class PreconditionFailed(Refused):
     """A conditional write lost: the entity changed since it was read (ETag or If-Match mismatch)."""
 
 

@@ -46,6 +46,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from routines.errors import RoutinesError
+
 __all__ = [
     "CronSchedule",
     "ScheduleError",
@@ -78,7 +80,7 @@ _ITEM = re.compile(
 )
 
 
-class ScheduleError(ValueError):
+class ScheduleError(RoutinesError, ValueError):
     """A trigger cannot be scheduled. The message is a user-facing sentence.
 
     ``field`` names the offending trigger attribute: ``cron_expression`` or ``time_zone``.

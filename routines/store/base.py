@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from routines.errors import RoutinesError
 from routines.models import Routine, Run, RunStatus
 
 
@@ -192,5 +193,5 @@ class Store(Protocol):
         ...
 
 
-class SlotTaken(Exception):  # a signal between store and dispatcher, not a user error
+class SlotTaken(RoutinesError):  # a signal between store and dispatcher, not a user error
     """The overlap slot changed (or is held) since it was read."""

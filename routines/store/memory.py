@@ -30,18 +30,18 @@ class MemoryStore(PlanStore):
 
     def _transact(self, table: Table, ops: list[codec.Op]) -> list[str]:
         """All or nothing, like an entity-group transaction. Raises Conflict / NotFound /
-        PreconditionFailed with the failing op's index in ``args[1]``."""
+        PreconditionFailed with the failing op's index in ``op``."""
         with self._lock:
             self.requests += 1
             for index, (kind, row, etag) in enumerate(ops):
                 current = table.get((row["PartitionKey"], row["RowKey"]))
                 if kind == "insert" and current is not None:
-                    raise Conflict(f"row {row['RowKey']} exists", index)
+                    raise Conflict(f"row {row['RowKey']} exists", op=index)
                 if kind in ("replace", "delete", "merge"):
                     if current is None:
-                        raise NotFound(f"row {row['RowKey']} not found", index)
+                        raise NotFound(f"row {row['RowKey']} not found", op=index)
                     if etag is not None and current[1] != etag:
-                        raise PreconditionFailed(f"row {row['RowKey']} changed", index)
+                        raise PreconditionFailed(f"row {row['RowKey']} changed", op=index)
             etags = []
             for kind, row, _ in ops:
                 key = (row["PartitionKey"], row["RowKey"])

@@ -2,7 +2,7 @@
 
 A store supplies two primitives over its two tables (``"routines"`` and ``"runs"``): ``_write`` runs
 a plan atomically (raising ``Conflict`` / ``NotFound`` / ``PreconditionFailed`` with the failing op's
-index in ``args[1]``) and ``_read`` gets one row with its etag.
+index in ``op``) and ``_read`` gets one row with its etag.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class PlanStore:
             etags = self._write("runs", ops, f"run {run.id}")
             return etags[0], (etags[1] or None) if slot and slot.holder else None
         except _LOST as exc:
-            if len(exc.args) > 1 and exc.args[1] == 1:
+            if exc.op == 1:
                 raise SlotTaken(run.routine_id) from None
             if kind == "insert":
                 raise Conflict(f"run {run.id!r} exists") from None

@@ -24,7 +24,7 @@ from azure.core.exceptions import (
 )
 from azure.data.tables import TableClient, TableServiceClient, TableTransactionError, UpdateMode
 
-from routines.errors import Conflict, NotFound, PreconditionFailed, RoutinesError, StorageUnavailable
+from routines.errors import Conflict, NotFound, PreconditionFailed, Refused, RoutinesError, StorageUnavailable
 from routines.models import Run, RunStatus
 from routines.store import codec
 from routines.store.base import Advance, DueEntry, Page, Watch
@@ -82,7 +82,7 @@ class TableStore(PlanStore):
     # --- plumbing ---------------------------------------------------------------------------
     def _execute(self, table: TableClient, ops: list[codec.Op], what: str) -> list[str]:
         """Run a write plan: one request, a transaction when it has several ops. On failure raises
-        Conflict / NotFound / PreconditionFailed with the failing op's index in ``args[1]``, or
+        Conflict / NotFound / PreconditionFailed with the failing op's index in ``op``, or
         StorageUnavailable.
 
         A try that fails on the wire (no answer, or a 5xx) is made again here, for a few seconds:
@@ -118,11 +118,13 @@ class TableStore(PlanStore):
             return [str(r.get("etag", "")) for r in results]
         except TableTransactionError as exc:
             error = _translate(exc, what)
-            error.args = (error.args[0], exc.index)
+            if isinstance(error, Refused):
+                error.op = exc.index
             raise error from exc
         except AzureError as exc:
             error = _translate(exc, what)
-            error.args = (error.args[0], 0)
+            if isinstance(error, Refused):
+                error.op = 0
             if isinstance(exc, ServiceRequestError | ServiceResponseError) or (
                 isinstance(exc, HttpResponseError) and (exc.status_code or 0) >= 500
             ):
