@@ -190,12 +190,14 @@ Default variant by kind, per fire: {kinds}. Empty receives while waiting for the
 
 **Minimum the design needs** for a fire that succeeds at once: 1 queue send (the delayed message is the
 timer), 1 delete (the ack) and 1/16 of a receive; 1 read of the routine (inputs and the schedule version
-live in Table Storage, and a stale fire must be dropped, guarantee 4); 1 insert of the run (insert-if-absent
-is the one-run-per-fire dedup and claims the attempt with its lease, guarantee 2); 1 write of the outcome;
-1 delete of the fire's watch (the row the tick writes in its advance transaction, for free, so that the
-repair pass finds a fire whose message was lost: guarantee 1); plus the tick's share (1 due-range query
-and the lease per tick, 1 advance transaction per 33 fires) ≈ 0.05. That is **≈ 6.1**, whatever the
-overlap policy: the overlap slot's claim and release ride in the run's own transactions.
+live in Table Storage, and a stale fire must be dropped,
+[guarantee 4](guarantees.md#4-stale-fires-are-dropped)); 1 insert of the run (insert-if-absent is the
+one-run-per-fire dedup and claims the attempt with its lease,
+[guarantee 2](guarantees.md#2-at-most-one-agent-start-per-attempt)); 1 write of the outcome; 1 delete of
+the fire's watch (the row the tick writes in its advance transaction, for free, so that the repair pass
+finds a fire whose message was lost: [guarantee 1](guarantees.md#1-no-lost-fires)); plus the tick's share
+(1 due-range query and the lease per tick, 1 advance transaction per 33 fires) ≈ 0.05. That is **≈ 6.1**,
+whatever the overlap policy: the overlap slot's claim and release ride in the run's own transactions.
 
 - At most 8 requests per fire: {common.verdict(met)} ({main_variant["per_fire"]:.2f} with the default
   policy; {variants[1][1]["per_fire"]:.2f} with `allow_all`, which is the design minimum).
