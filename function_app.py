@@ -1,6 +1,6 @@
 """Azure Functions entry points (v2 model). Thin: decode, call one function of ``routines``, answer.
 
-All logic lives in the ``routines`` package (SPEC section 1). The devhost runs these same triggers.
+All logic lives in the ``routines`` package (docs/architecture.md). The devhost runs these same triggers.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from routines.scheduler import tick as run_tick
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 log = logging.getLogger("routines.functions")
-# The queue binding needs the connection's *name* at indexing time; SPEC 8 lets it be renamed.
+# The queue binding needs the connection's *name* at indexing time; a setting may rename it (README).
 STORAGE_CONNECTION = os.environ.get("ROUTINES_STORAGE_CONNECTION", "AzureWebJobsStorage")
 # `%ROUTINES_QUEUE_NAME%` must resolve; the Bicep always sets it, and this default serves local hosts.
 os.environ.setdefault("ROUTINES_QUEUE_NAME", "routine-dispatch")
@@ -114,7 +114,7 @@ def dispatch(msg: func.QueueMessage) -> None:
     try:
         runtime.dispatcher.deliver(msg.get_body(), msg.dequeue_count or 1, runtime.queue.poison)
     except PoisonMessage as exc:
-        # Guarantee 7: straight to the poison queue, with a log line; the worker carries on.
+        # docs/guarantees.md #7: straight to the poison queue, with a log line; the worker carries on.
         log.error("moving message %s to %s: %s", msg.id, runtime.settings.poison_queue_name, exc)
         telemetry.record_poison()
         runtime.queue.poison(msg.get_body().decode(errors="replace"))

@@ -1,4 +1,4 @@
-"""Function time per fire for a short and a long agent run (SPEC 3.6: no compute spent waiting).
+"""Function time per fire for a short and a long agent run (docs/guarantees.md #6).
 
 The agent (the fake agent) answers 202 and completes N s later (1 s and 60 s; ``--quick``: 1 s and
 15 s); it sends no Retry-After, so Routines polls at its default interval. One fire each, all at once:

@@ -1,4 +1,4 @@
-"""Soak: Routines under faults for minutes, then the guarantees of SPEC section 3 checked from the records.
+"""Soak: Routines under faults for minutes, then docs/guarantees.md checked from the records.
 
 ``.venv/bin/python bench/soak.py [--minutes 10] [--routines 50] [--seed 1] [--keep]``
 
@@ -31,7 +31,7 @@ reached a worker, bounded), and it checks:
 
 * every fire of each routine's history (the schedule in force from each create, PATCH, enable to the
   next PATCH, disable or delete) is exactly one run, allowing the documented exceptions: fires that
-  reached a worker only after the schedule that made them ended (guarantee 4: the worker logged
+  reached a worker only after the schedule that made them ended (docs/guarantees.md #4: the worker logged
   dropping them as stale, or as of a deleted routine, after the change), fires coalesced by a tick that
   found them past (only in a window no successful tick planned ahead), fires recorded ``missed``, and
   fires inside the few hundred milliseconds a DELETE was in flight (the client cannot know the
@@ -675,7 +675,7 @@ def successful_ticks(log: Path) -> list[datetime]:
 
 
 def stale_drops(logs: list[Path]) -> dict[tuple[str, datetime], datetime]:
-    """(routine id, fire) -> when a worker dropped that fire as stale (guarantee 4), from the logs."""
+    """(routine id, fire) -> when a worker dropped that fire as stale (docs/guarantees.md #4), from logs."""
     drops: dict[tuple[str, datetime], datetime] = {}
     for log in logs:
         for line in log.read_text(errors="replace").splitlines():
@@ -764,7 +764,7 @@ def check(soak: Soak) -> Report:
             if any(first <= fire < last for first, last in spans):
                 missed += 1
             elif dropped_at is not None and end != never and dropped_at >= end - timedelta(seconds=1):
-                dropped += 1  # reached a worker after its schedule ended: dropped, not run (guarantee 4)
+                dropped += 1  # reached a worker after its schedule ended: not run (docs/guarantees.md #4)
             elif any(a <= fire <= b for a, b in fuzzy):
                 ambiguous += 1
             elif not planned_ahead(fire, start, ticks):
@@ -838,7 +838,7 @@ def check(soak: Soak) -> Report:
         ("fires expected", expected),
         ("runs", sum(by_status.values())),
         *((f"  {status}", by_status[status]) for status in sorted(by_status)),
-        ("fires dropped after their schedule ended (guarantee 4)", dropped),
+        ("fires dropped after their schedule ended (docs/guarantees.md #4)", dropped),
         ("fires while a DELETE was in flight, not run", ambiguous),
         ("fires coalesced (tick found them past)", coalesced),
         ("fires recorded missed", missed),

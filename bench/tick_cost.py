@@ -1,4 +1,4 @@
-"""Tick cost against the number of routines (SPEC 3.5: a tick's work grows with due fires, not routines).
+"""Tick cost against the number of routines (docs/guarantees.md #5).
 
 For N routines seeded in Azurite (1k, 10k, 50k; ``--quick``: 1k, 10k), exactly 100 of them due before
 the tick's horizon and the rest a month or more away, this runs ``scheduler.tick`` several times per N

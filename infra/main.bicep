@@ -1,7 +1,7 @@
 // Routines on Azure: a Flex Consumption (Linux, Python 3.11) function app with a user-assigned
 // managed identity, identity-based storage (shared keys off), Application Insights on a Log
 // Analytics workspace (Entra-only ingestion), least-privilege role assignments, and every
-// Routines app setting of SPEC section 8 as a parameter with the spec's default.
+// Routines app setting of the README's Configuration table as a parameter with its default.
 //
 // Deploy with `azd up` (azure.yaml, main.parameters.json) or
 // `az deployment sub create --location <region> --template-file infra/main.bicep --parameters environmentName=<name> location=<region>`.
@@ -58,7 +58,7 @@ param maximumInstanceCount int = 40
 param instanceMemoryMB int = 2048
 
 // ---------------------------------------------------------------------------------------------
-// Routines settings (SPEC section 8). Defaults are the spec's; tests/test_infra.py checks they
+// Routines settings (README, Configuration). Defaults are the documented ones; tests/test_infra.py checks they
 // match routines/config.py.
 // ---------------------------------------------------------------------------------------------
 
@@ -203,7 +203,7 @@ module foundryRbac './app/foundry-rbac.bicep' = if (!empty(foundryAccountName)) 
   }
 }
 
-// Every Routines setting of SPEC section 8 (APPLICATIONINSIGHTS_CONNECTION_STRING and the
+// Every Routines setting of the README's Configuration table (APPLICATIONINSIGHTS_CONNECTION_STRING and the
 // identity wiring are added in function.bicep). Empty values are read as "not set".
 var routinesSettings = {
   ROUTINES_STORAGE_CONNECTION: storageConnectionName

@@ -1,4 +1,4 @@
-"""Settings, read once from the environment into a frozen object (SPEC section 8).
+"""Settings, read once from the environment into a frozen object (README, Configuration).
 
 Nothing else in Routines reads ``os.environ``: the function app and the devhost build one
 ``Settings`` per process and pass it down.

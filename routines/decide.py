@@ -222,7 +222,7 @@ def _start(f: Facts) -> Step:
 
 
 def stale(routine: Routine, message: DispatchMessage) -> bool:
-    """A scheduled fire of a routine disabled or rescheduled since it was queued (guarantee 4). A
+    """A scheduled fire of a routine disabled or rescheduled since it was queued (docs/guarantees.md #4). A
     message newer than the routine read is never stale: routine writes land before their fires."""
     if routine.state is RoutineState.disabled or message.routine_version < routine.schedule_version:
         return True
@@ -351,7 +351,7 @@ def holder_id(f: Facts) -> str | None:
 def _cancelled_by_routine(routine: Routine, run: Run) -> str | None:
     """A run of a routine disabled after the run was queued ends cancelled (a manual run queued while
     the routine was disabled is not affected); so does a scheduled fire still waiting to start when
-    the routine was rescheduled (guarantee 4). Runs already started finish their attempts."""
+    the routine was rescheduled (docs/guarantees.md #4). Runs already started finish their attempts."""
     version = run.progress.routine_version or 0
     if routine.schedule_version <= version:
         return None

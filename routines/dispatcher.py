@@ -131,7 +131,7 @@ class Dispatcher:
                 facts = dataclasses.replace(facts, now=self.clock())
             elif isinstance(step, decide.Done):
                 m = facts.message
-                if step.why == decide.STALE:  # guarantee 4, and the soak reads this line
+                if step.why == decide.STALE:  # docs/guarantees.md #4, and the soak reads this line
                     log.info("dropping stale fire %s of routine %s", m.scheduled_for, m.routine_id)
                 elif step.why == decide.GONE and m.kind == "fire":  # the soak reads this one too
                     log.info("dropping fire %s of deleted routine %s", m.scheduled_for, m.routine_id)

@@ -3,7 +3,7 @@
 through these, so a rule (what enable resets, when a timer completes) lives in one place.
 
 Every transition that moves the schedule bumps ``schedule_version``: a fire queued at an older
-version is stale and does not run (docs/guarantees.md, "stale fires").
+version is stale and does not run (docs/guarantees.md #4).
 """
 
 from __future__ import annotations

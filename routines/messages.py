@@ -1,4 +1,4 @@
-"""The dispatch queue message of SPEC section 5, and the queue it travels on."""
+"""The dispatch queue message (docs/architecture.md, "The dispatch queue message") and its queue."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The resources of SPEC section 2 as pydantic models, with every validation rule.
+"""The resources of docs/api.md as pydantic models, with every validation rule.
 
 Validation that depends on the deployment or the clock (the minimum cron interval, "a timer must lie
 in the future") reads them from the validation context: ``{"min_interval_seconds": int, "now": datetime}``.
@@ -205,7 +205,7 @@ Action = Annotated[InvocationAction | ResponseAction, Field(discriminator="type"
 
 
 class RetryPolicy(CompactModel):
-    """Both forms of SPEC 2.4: fixed ``delays_seconds``, or ``backoff: exponential``."""
+    """Both forms of docs/api.md#retry-policy: fixed ``delays_seconds``, or ``backoff: exponential``."""
 
     max_attempts: int = Field(default=4, ge=1, le=50)
     delays_seconds: list[Annotated[int, Field(ge=0, le=7 * 86400)]] | None = None
@@ -297,7 +297,7 @@ class Routine(_RoutineFields):
     updated_at: UtcDatetime
     version: int = Field(ge=1)
     # Internal: the version at which the schedule last changed (trigger edit, enable). A queued fire
-    # carrying an older version is stale (guarantee 4); other edits leave queued fires valid.
+    # carrying an older version is stale (docs/guarantees.md #4); other edits leave queued fires valid.
     schedule_version: int = Field(default=1, ge=1, exclude=True)
     # Internal: the fire the due index holds (None when nothing is left to enqueue). Equal to
     # next_fire_at, except for a timer whose fire is already enqueued but not yet run.

@@ -1,4 +1,4 @@
-"""Exporter set-up, once per process: Application Insights, OTLP, or nothing (SPEC 6).
+"""Exporter set-up, once per process: Application Insights, OTLP, or nothing (docs/observability.md).
 
 ``configure`` is called by ``routines.runtime.get_runtime`` the first time a trigger runs, never per
 invocation. It picks one of:

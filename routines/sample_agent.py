@@ -1,4 +1,4 @@
-"""A tiny local agent for trying Routines with the HTTP backend (SPEC section 7): stdlib only.
+"""A tiny local agent for trying Routines with the HTTP backend (README, Agents): stdlib only.
 
     python -m routines.sample_agent [--port 7072] [--token T] [--signing-secret S]
 

@@ -1,4 +1,4 @@
-"""Schedule math: cron parsing, next fire, fire counting (SPEC 2.2). Pure functions, no clock reads.
+"""Schedule math: cron parsing, next fire, fire counting (docs/api.md, triggers). Pure, no clock reads.
 
 Cron dialect
     5 fields ``minute hour day month weekday`` or 6 fields with a leading ``second`` field. Items are

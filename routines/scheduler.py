@@ -164,7 +164,7 @@ def watch_for(message: DispatchMessage, trigger: str) -> Watch:
 
 def coalesced_run(routine_id: str, fire: datetime, coalesced: int, kind: str, version: int) -> Run:
     """The run of a fire that stands for ``coalesced`` more (catch-up, or a tick that came late),
-    recorded before its message so the count is on the run that runs (guarantee 1)."""
+    recorded before its message so the count is on the run that runs (docs/guarantees.md #1)."""
     return Run(
         id=scheduled_run_id(routine_id, fire),
         routine_id=routine_id,

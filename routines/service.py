@@ -69,7 +69,7 @@ class Service:
             version=1,
             schedule_version=1,
         )
-        # Written first, with a watch of each near fire; enqueued after (guarantee 1).
+        # Written first, with a watch of each near fire; enqueued after (docs/guarantees.md #1).
         plan = scheduler.plan_immediately(routine, now) if routine.state is RoutineState.enabled else None
         routine = plan.routine if plan else routine
         self.store.create_routine(routine, plan.watches if plan else ())

@@ -1,4 +1,4 @@
-"""OpenTelemetry: spans, metrics, the W3C ``traceparent`` carried in queue messages, JSON logs (SPEC 6).
+"""OpenTelemetry: spans, metrics, W3C ``traceparent`` in queue messages, JSON logs (docs/observability.md).
 
 One trace covers a fire from the tick to the agent::
 
@@ -170,7 +170,7 @@ def run_attributes(
     routine_name: str | None = None,
     agent_id: str | None = None,
 ) -> dict[str, Any]:
-    """The standard attributes (SPEC 6), ``None`` ones left out. Also usable as a log record's
+    """The standard attributes (docs/observability.md), ``None`` ones out. Also usable as a log record's
     ``extra``: the JSON formatter and Application Insights (``customDimensions``) keep them."""
     return _clean(
         {

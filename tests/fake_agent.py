@@ -1,4 +1,4 @@
-"""A fake agent speaking the HTTP agent protocol (SPEC section 7), for every test that needs an agent.
+"""A fake agent speaking the HTTP agent protocol (README, Agents), for every test that needs an agent.
 
 In a test, as a context manager (it serves on 127.0.0.1, a free port, from a background thread)::
 

@@ -1,4 +1,4 @@
-"""The management API of SPEC section 4 through ``routines.api.Api``: a MemoryStore, a MemoryQueue and
+"""The management API of docs/api.md through ``routines.api.Api``: a MemoryStore, a MemoryQueue and
 an injected clock, so every case is fast and exact; the hostile-input cases also run on Azurite.
 
 Every bad request asserts that nothing stored changed (routines, due index, runs, queue).
@@ -331,7 +331,7 @@ def test_create_with_every_field(client: Client) -> None:
     )
 
 
-# --- immediate scheduling (guarantee 3) -------------------------------------------------------------
+# --- immediate scheduling (docs/guarantees.md #3) ----------------------------------------------
 
 
 def sent(client: Client) -> list[tuple[float, str, str, int, str]]:

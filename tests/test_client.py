@@ -378,7 +378,7 @@ def test_dispatch_and_read_runs(client: Any, server: Server) -> None:
 
 
 def test_approve_and_reject_send_the_step_routes(make_client: Callable[..., Any], server: Server) -> None:
-    """The server has no approval steps yet: the client's requests go to the SPEC's routes, with the
+    """The server has no approval steps yet: the client's requests go to the documented routes, with the
     comment, and the 404 for an unknown run (or, today, for the route) is NotFoundError."""
     sent: list[tuple[str, str, bytes]] = []
     client = make_client(

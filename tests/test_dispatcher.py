@@ -1,4 +1,4 @@
-"""Fault tests of the dispatcher (SPEC 2.4, 2.5, 3, 5, 7) on Azurite, with the fake HTTP agent.
+"""Fault tests of the dispatcher (docs/api.md, docs/guarantees.md) on Azurite, with the fake HTTP agent.
 
 Everything real but the Functions host: ``TableStore`` and ``AzureQueue`` on Azurite, the HTTP agent
 backend against ``tests/fake_agent.py``. ``Rig.pump`` plays the host's queue trigger: it receives
@@ -493,7 +493,7 @@ def test_202_then_polling_succeeds_through_poll_messages(rig: Rig) -> None:
 
 
 def test_a_pending_run_costs_the_same_handler_work_however_long_the_agent_takes(rig: Rig) -> None:
-    """Guarantee 6: the dispatcher does not wait for the agent; an agent run of 1 s and one of 3 s take
+    """docs/guarantees.md #6: the dispatcher never waits for the agent; runs of 1 s and of 3 s take
     the same number of handler invocations, each short."""
     messages = {}
     for seconds in (1, 3):

@@ -1,4 +1,4 @@
-"""The HTTP agent backend (SPEC section 7) against real HTTP servers on 127.0.0.1.
+"""The HTTP agent backend (README, Agents) against real HTTP servers on 127.0.0.1.
 
 The agent is ``tests/fake_agent.py``; the last tests start the sample agent and the fake agent as
 processes, the way the README and the soak test do.

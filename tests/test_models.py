@@ -1,4 +1,4 @@
-"""The validation rules of SPEC section 2 on the models themselves, as tables, and the JSON they
+"""The validation rules of docs/api.md on the models themselves, as tables, and the JSON they
 produce (timestamps with ``Z``, optional fields left out)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Guarantees 1 and 2 under random interleavings (hypothesis, stateful), against the in-memory store
+"""docs/guarantees.md #1 and #2 under random interleavings (hypothesis, stateful), against the in-memory store
 with a fake clock: deliveries in any order, duplicated and redelivered messages, a worker dying
 between any two storage calls, clock jumps, agents that answer, stay pending or fail, and API edits
 (PATCH, enable, disable, delete, dispatch) racing all of it. After the world has been left to run
@@ -256,7 +256,7 @@ class Scheduling(RuleBasedStateMachine):
     def _check_the_end(self) -> None:
         # Run on for 3 minutes as is (a lost fire message is sent again by the repair pass within about
         # a minute), then stop new fires and let everything drain. A fire still undelivered at the
-        # disable is stale and rightly dropped (guarantee 4), so only older fires must have runs.
+        # disable is stale and rightly dropped (docs/guarantees.md #4), so only older fires must have runs.
         self._run_until(self.clock() + timedelta(minutes=3))
         stop_at = self.clock() - timedelta(seconds=120)
         for rid in self.routines:

@@ -1,4 +1,4 @@
-"""Retry decisions (SPEC 2.4) as a pure table: policy, failed attempt, error, ``now`` -> what next."""
+"""Retry decisions (docs/api.md, retry policy): policy, failed attempt, error, ``now`` -> what next."""
 
 from __future__ import annotations
 

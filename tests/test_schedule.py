@@ -1,4 +1,4 @@
-"""Schedule math (SPEC 2.2). Every expected instant is written out by hand, in UTC.
+"""Schedule math (docs/api.md#triggers). Every expected instant is written out by hand, in UTC.
 
 Transition instants used below (2026 unless noted), as "UTC instant: local before -> local after":
     America/New_York     spring 03-08 07:00Z: 02:00 -05 -> 03:00 -04

@@ -1,4 +1,4 @@
-"""The tick and the look-ahead (SPEC 2.2, 2.4 catch-up, 3: no lost fires, on time, stale fires, scale).
+"""The tick and the look-ahead (docs/guarantees.md #1, #3, #4, #5; catch-up in docs/api.md#routine).
 
 ``plan_fires`` is a pure table. The tick runs on ``MemoryStore`` with a fake clock for the logic and on
 Azurite (real ``TableStore`` and ``AzureQueue``) for request counts, concurrency and crashes; fires are
@@ -538,7 +538,7 @@ def test_fire_of_a_rescheduled_routine_is_dropped_without_an_agent_call() -> Non
 
 def test_fire_of_a_routine_disabled_while_the_fire_waits_out_its_early_arrival_is_dropped() -> None:
     """Visibility delays are whole seconds, so a fire surfaces up to a second early and the dispatcher
-    waits for its time. A routine disabled during that wait must not run (guarantee 4)."""
+    waits for its time. A routine disabled during that wait must not run (docs/guarantees.md #4)."""
     now = at("2026-11-30T06:00:20.100Z")
     store = MemoryStore()
     driver = Driver(store, now)

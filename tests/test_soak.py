@@ -1,5 +1,5 @@
 """A two-minute soak (``bench/soak.py``): two devhost workers on Azurite under faults, then the
-guarantees of SPEC section 3 checked from the run records and the agent's call log.
+guarantees of docs/guarantees.md checked from the run records and the agent's call log.
 
 Faults: a worker SIGKILLed and restarted, Azurite restarted on its persistent data, duplicated and
 redelivered queue messages, unreadable messages, and an agent that fails (500, 503, 429), answers too

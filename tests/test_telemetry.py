@@ -1,4 +1,4 @@
-"""Telemetry (SPEC 6): one trace from the tick to the agent, metrics, JSON logs, exporter set-up.
+"""Telemetry (docs/observability.md): one trace from tick to agent, metrics, JSON logs, exporter set-up.
 
 A real flow on the in-memory store and queue with the HTTP backend against ``FakeAgent``: the agent
 fails once (500), the retry succeeds. Spans go to an in-memory exporter and metrics to an in-memory

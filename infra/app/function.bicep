@@ -28,7 +28,7 @@ param applicationInsightsConnectionString string
 @description('Name of the storage connection Routines uses (ROUTINES_STORAGE_CONNECTION).')
 param storageConnectionName string = 'AzureWebJobsStorage'
 
-@description('Routines app settings (SPEC section 8). Secure: it carries the HTTP-backend token and signing secret.')
+@description('Routines app settings (README, Configuration). Secure: it carries the HTTP-backend token and signing secret.')
 @secure()
 param appSettings object
 

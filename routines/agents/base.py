@@ -1,8 +1,8 @@
-"""The agent backend interface the dispatcher drives (SPEC section 7).
+"""The agent backend interface the dispatcher drives (README, Agents).
 
 A backend starts one agent run for one action of one attempt and reports either a finished run or a
 pending one with a small JSON ``handle`` the dispatcher stores and later passes to ``poll`` from a
-delayed queue message (guarantee 6: no compute spent waiting). Backends never retry on their own:
+delayed queue message (docs/guarantees.md #6: no compute spent waiting). Backends never retry on their own:
 they raise ``AgentError`` with ``retriable`` and ``retry_after`` and the routine's retry policy decides.
 """
 

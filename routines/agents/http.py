@@ -1,4 +1,4 @@
-"""The HTTP agent backend (SPEC section 7): portable webhook agents.
+"""The HTTP agent backend (README, Agents): portable webhook agents.
 
 The protocol, as an agent sees it:
 
@@ -340,7 +340,7 @@ class HttpAgentBackend:
 
 
 def invocation_body(call: AgentCall) -> dict[str, Any]:
-    """The JSON body of ``POST .../invocations`` for ``call`` (SPEC section 7)."""
+    """The JSON body of ``POST .../invocations`` for ``call`` (README, Agents)."""
     return {
         "routine_id": call.routine_id,
         "run_id": call.run_id,

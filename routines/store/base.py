@@ -7,7 +7,7 @@ Layout and costs (TableStore):
 - One partition holds every routine, its name-index row and its due-index row, so a create, rename,
   reschedule or delete is a single entity-group transaction and the due index can never disagree with
   the routine. The due index is keyed by fire time, so finding due fires is one range query whose cost
-  grows with the number of due fires, not the number of routines (guarantee 5).
+  grows with the number of due fires, not the number of routines (docs/guarantees.md #5).
 - Runs live in their own table, one partition per routine, row key = run id (newest first). The
   overlap slot of a routine is one more row in that partition, written in the same transaction as the
   run it admits or releases.
