@@ -70,6 +70,9 @@ CASES = [
     ("zero_seconds", schedule("0 0 6 * * *"), "every day at 06:00, UTC"),
     ("every_10_seconds", schedule("*/10 * * * * *"), "every 10 seconds, UTC"),
     ("every_second", schedule("* * * * * *"), "every second, UTC"),
+    ("macro_daily", schedule("@daily"), "every day at 00:00, UTC"),
+    ("macro_weekly", schedule("@weekly"), "every Sunday at 00:00, UTC"),
+    ("macro_yearly", schedule("@yearly"), "on the 1st of January at 00:00, UTC"),
     ("default_zone", {"type": "schedule", "cron_expression": "0 6 * * *"}, "every day at 06:00, UTC"),
     # What words would get wrong is shown as the expression itself.
     ("day_or_weekday", schedule("0 6 1 * 1"), "cron 0 6 1 * 1, UTC"),

@@ -167,9 +167,15 @@ function interval(hour, minute, second) {
   throw new Unsayable("hours");
 }
 
+const MACROS = {
+  "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+  "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
+};
+
 /** The cron expression in words, without the time zone; the expression itself when it is unusual. */
 export function cronInWords(expression) {
-  const fields = String(expression).trim().split(/\s+/);
+  const text = String(expression).trim();
+  const fields = (MACROS[text.toLowerCase()] || text).split(/\s+/);
   try {
     if (fields.length !== 5 && fields.length !== 6) throw new Unsayable("field count");
     const rest = fields.slice(fields.length - 5);
@@ -185,7 +191,7 @@ export function cronInWords(expression) {
     const often = interval(hour, minute, second);
     return days === "every day" ? often : `${often}, ${days}`;
   } catch (error) {
-    if (error instanceof Unsayable) return `cron ${fields.join(" ")}`;
+    if (error instanceof Unsayable) return `cron ${text}`;
     throw error;
   }
 }
