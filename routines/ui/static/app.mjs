@@ -151,6 +151,7 @@ function problemText(status, statusText, data, text) {
 }
 
 let keyRequest = null;
+let keyDeclined = false; // the prompt was dismissed: do not reopen it on every refresh
 
 /** Ask for a function key (one dialog however many calls were refused); resolves once one is given. */
 function askForKey(problem) {
@@ -169,6 +170,7 @@ function askForKey(problem) {
     };
     const onSubmit = () => {
       sessionStorage.setItem(KEY_STORAGE, input.value.trim());
+      keyDeclined = false;
       done();
       updateKeyButton();
       resolve();
@@ -176,7 +178,9 @@ function askForKey(problem) {
     const onClose = () => {
       if (keyRequest === null) return;
       done();
-      reject(new ApiError(401, "The API needs a function key; none was given."));
+      keyDeclined = true;
+      updateKeyButton();
+      reject(new ApiError(401, "The API needs a function key; none was given (Enter key, above)."));
     };
     form.addEventListener("submit", onSubmit);
     dialog.addEventListener("close", onClose);
@@ -187,7 +191,9 @@ function askForKey(problem) {
 }
 
 function updateKeyButton() {
-  $("#forget-key").hidden = !sessionStorage.getItem(KEY_STORAGE);
+  const stored = Boolean(sessionStorage.getItem(KEY_STORAGE));
+  $("#forget-key").hidden = !stored;
+  $("#enter-key").hidden = stored || !keyDeclined;
 }
 
 /** One API call; JSON in and out. Throws ApiError with the problem in words. */
@@ -209,6 +215,7 @@ async function api(method, path, body) {
   }
   if (response.status === 401) {
     // In Azure every API route needs a function key; the page's own routes do not.
+    if (keyDeclined) throw new ApiError(401, "The API needs a function key (Enter key, above).");
     await askForKey(key ? `The key was refused (${response.status} ${response.statusText}).` : null);
     return api(method, path, body);
   }
@@ -232,15 +239,20 @@ const routinePath = (id) => `routines/${encodeURIComponent(id)}`;
 let view = null; // {refresh(), root}
 let pollTimer = null;
 let refreshing = null;
+let again = false; // something changed while a refresh was in flight: run one more after it
 
 function live() {
   return $("#live-toggle")?.checked !== false;
 }
 
-async function refresh() {
-  if (!view) return;
+function refresh() {
+  if (!view) return Promise.resolve();
+  if (refreshing) {
+    again = true;
+    return refreshing;
+  }
   const current = view;
-  refreshing ??= (async () => {
+  refreshing = (async () => {
     try {
       await current.refresh();
       current.loaded = true;
@@ -253,6 +265,10 @@ async function refresh() {
       if (current === view) say(`${what}: ${error.message}`, { kind: "error", key: "refresh" });
     } finally {
       refreshing = null;
+      if (again) {
+        again = false;
+        refresh();
+      }
     }
   })();
   return refreshing;
@@ -756,22 +772,16 @@ function route() {
 }
 
 function start() {
-  const header = $(".bar");
-  header.insertBefore(
-    el(
-      "span",
-      { class: "livebox" },
-      el("input", { id: "live-toggle", type: "checkbox", checked: true, onchange: () => live() && refresh() }),
-      el("label", { for: "live-toggle" }, "Live"),
-      " ",
-      el("span", { id: "updated", class: "muted small" }),
-    ),
-    $("#forget-key"),
-  );
+  $("#live-toggle").addEventListener("change", () => live() && refresh());
   $("#forget-key").addEventListener("click", () => {
     sessionStorage.removeItem(KEY_STORAGE);
     updateKeyButton();
     say("Forgot the function key of this tab.");
+  });
+  $("#enter-key").addEventListener("click", () => {
+    keyDeclined = false;
+    updateKeyButton();
+    refresh();
   });
   updateKeyButton();
   window.addEventListener("hashchange", route);
