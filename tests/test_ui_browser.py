@@ -457,6 +457,13 @@ def test_keyboard_alone_opens_a_routine_and_acts_on_it(page: Page, host: str, ap
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", level=1)).to_have_text("keyboard-only")
     expect(page.get_by_role("heading", level=1)).to_be_focused()
+    page.reload()  # opened directly, Tab starts at the skip link, which keeps the page
+    expect(page.get_by_role("heading", level=1)).to_have_text("keyboard-only")
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.locator("#view")).to_be_focused()
+    expect(page.get_by_role("heading", level=1)).to_have_text("keyboard-only")
     disable = page.get_by_role("button", name="Disable")
     disable.focus()
     page.keyboard.press("Enter")

@@ -762,17 +762,23 @@ function confirmDelete(routine) {
 
 // -- routing ----------------------------------------------------------------------------------------
 
-function route() {
+function route(event) {
   const match = /^#\/routines\/([^/?]+)/.exec(location.hash);
   view = match ? routineView(decodeURIComponent(match[1])) : listView();
   if (!match) document.title = "Routines";
   $("#view").replaceChildren(...view.root.flat());
-  view.root.find((n) => n.tagName === "H1")?.focus({ preventScroll: true });
+  // On a change of view, focus its heading (screen readers announce it); not on the first load, so
+  // that Tab still starts at the top of the page (the skip link).
+  if (event) view.root.find((n) => n.tagName === "H1")?.focus({ preventScroll: true });
   refresh();
 }
 
 function start() {
   $("#live-toggle").addEventListener("change", () => live() && refresh());
+  $(".skip").addEventListener("click", (event) => {
+    event.preventDefault(); // "#view" is not a route: move the focus, keep the page
+    $("#view").focus();
+  });
   $("#forget-key").addEventListener("click", () => {
     sessionStorage.removeItem(KEY_STORAGE);
     updateKeyButton();
@@ -786,7 +792,7 @@ function start() {
   updateKeyButton();
   window.addEventListener("hashchange", route);
   document.addEventListener("visibilitychange", () => !document.hidden && live() && refresh());
-  route();
+  route(null);
   schedulePoll();
 }
 
