@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import azure.functions as func
 
-from routines import openapi, telemetry
+from routines import openapi, telemetry, ui
 from routines.api import Api, Request, Response
 from routines.dispatcher import PoisonMessage
 from routines.models import now_utc
@@ -100,6 +100,15 @@ def health(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def openapi_document(req: func.HttpRequest) -> func.HttpResponse:
     return func.HttpResponse(json.dumps(openapi.document()), mimetype="application/json")
+
+
+@app.route(route="ui/{*path}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def dashboard(req: func.HttpRequest) -> func.HttpResponse:
+    # The page and its files are public; the API calls the page makes carry the user's function key.
+    asset = ui.serve(req.route_params.get("path") or "", req.url, req.headers.get("if-none-match"))
+    return func.HttpResponse(
+        asset.body, status_code=asset.status, headers=asset.headers, mimetype=asset.content_type
+    )
 
 
 @app.timer_trigger(schedule="0 * * * * *", arg_name="timer", run_on_startup=False, use_monitor=False)

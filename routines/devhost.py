@@ -8,8 +8,10 @@ then ``local.settings.json`` ``Values``; binding expressions ``%NAME%`` resolve 
 queue trigger follows ``host.json`` ``extensions.queues`` (batch size, new-batch threshold, polling
 back-off, visibility timeout, ``maxDequeueCount`` then ``<queue>-poison``, base64 or plain messages).
 
-What it does not do (see ``DevHost``): function keys, timer schedule monitoring and singleton locks,
-output and input bindings, other trigger types.
+With ``--function-key KEY``, routes whose ``auth_level`` is not anonymous need that key (header
+``x-functions-key`` or query ``code``) as in Azure, else ``401``; without it every route is open.
+What it does not do (see ``DevHost``): per-function and host keys, timer schedule monitoring and singleton
+locks, output and input bindings, other trigger types.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hmac
 import inspect
 import json
 import logging
@@ -470,12 +473,11 @@ class RouteTemplate:
         params: dict[str, str] = {}
         for index, segment in enumerate(self.segments):
             if segment.catch_all:
+                # As in ASP.NET routing, a catch-all also matches nothing: ``ui/{*path}`` serves ``ui``.
                 value = "/".join(path_segments[index:])
-                if value or segment.optional:
-                    if value:
-                        params[segment.names[0]] = value
-                    return params
-                return None
+                if value:
+                    params[segment.names[0]] = value
+                return params
             if index >= len(path_segments):
                 if all(s.optional or s.catch_all for s in self.segments[index:]):
                     return params
@@ -606,6 +608,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 headers["Allow"] = ", ".join(sorted(allowed))
                 return status, headers, body
             return _problem(HTTPStatus.NOT_FOUND, f"no function serves {self.command} {path}")
+        if not self.server.host.authorized(route.spec, self.headers.get("x-functions-key"), query):
+            return 401, {}, b""  # as the Functions host: no body
         request = func.HttpRequest(
             method,
             f"http://{self.headers.get('Host') or self.server.host.address}{self.path}",
@@ -1077,7 +1081,8 @@ class DevHost:
     cannot be hosted. ``stop()`` stops accepting work and waits up to ``grace`` seconds for what is in
     flight; it returns whether everything finished.
 
-    Differences from the Functions host: no function keys (every route is anonymous); timers keep no
+    Differences from the Functions host: one function key for every non-anonymous route, and only when
+    ``function_key`` is given (otherwise every route is anonymous); timers keep no
     schedule status (no catch-up run for a schedule missed while down) and take no singleton lock, so
     run one timer-enabled host per storage account (``timers=False`` for the others); a queue message
     is not renewed past its 10-minute processing visibility; HEAD falls back to a GET function; a path
@@ -1085,9 +1090,14 @@ class DevHost:
     """
 
     def __init__(
-        self, app_dir: str | os.PathLike[str] = ".", port: int = DEFAULT_PORT, timers: bool = True
+        self,
+        app_dir: str | os.PathLike[str] = ".",
+        port: int = DEFAULT_PORT,
+        timers: bool = True,
+        function_key: str | None = None,
     ) -> None:
         self.app_dir = Path(app_dir).resolve()
+        self.function_key = function_key
         self.requested_port = port
         self.timers_enabled = timers
         self.functions: list[FunctionSpec] = []
@@ -1114,6 +1124,22 @@ class DevHost:
     @property
     def url(self) -> str:
         return f"http://{self.address}"
+
+    def route_url(self, function_name: str) -> str | None:
+        """The URL of HTTP function ``function_name``'s route up to its first parameter, or None."""
+        for route in self.router.routes:
+            if route.spec.name == function_name:
+                literal = route.template.template.split("{", 1)[0].rstrip("/")
+                return "/".join([self.url, *self.router.prefix, *([literal] if literal else [])])
+        return None
+
+    def authorized(self, spec: FunctionSpec, header_key: str | None, query: str) -> bool:
+        """Whether a request may call ``spec``: always when no key is set or the route is anonymous."""
+        level = str(_method_name(spec.trigger.get("authLevel", "function"))).lower()
+        if self.function_key is None or level == "anonymous":
+            return True
+        given = header_key or _query_params(query).get("code") or ""
+        return hmac.compare_digest(given.encode(), self.function_key.encode())
 
     def start(self) -> None:
         applied = apply_local_settings(self.app_dir)
@@ -1201,6 +1227,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (0: a free one)")
     parser.add_argument("--app-dir", default=".", help="folder holding function_app.py and host.json")
     parser.add_argument("--no-timers", action="store_true", help="do not run timer triggers")
+    parser.add_argument(
+        "--function-key",
+        help="require this key (x-functions-key or ?code=) on non-anonymous routes, as in Azure",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
 
@@ -1220,7 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    host = DevHost(args.app_dir, port=args.port, timers=not args.no_timers)
+    host = DevHost(args.app_dir, port=args.port, timers=not args.no_timers, function_key=args.function_key)
     try:
         host.start()
     except DevHostError as exc:
@@ -1229,6 +1259,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot listen on 127.0.0.1:{args.port}: {exc}", file=sys.stderr)
         return 2
+    dashboard = host.route_url("dashboard")
+    if dashboard:
+        print(f"dashboard on {dashboard}", flush=True)
     print(f"devhost ready on {host.url}", flush=True)
     stop.wait()
     log.info("shutting down")

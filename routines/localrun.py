@@ -92,8 +92,9 @@ def main() -> int:
         for child in children:  # after the ready lines, let their output flow to the terminal
             _drain(child)
         print(
-            f"\nRoutines is running: API on http://127.0.0.1:{port}/api, sample agent on "
-            f"http://127.0.0.1:{agent_port}, storage in .azurite/. Ctrl-C to stop.",
+            f"\nRoutines is running: dashboard on http://127.0.0.1:{port}/api/ui, API on "
+            f"http://127.0.0.1:{port}/api, sample agent on http://127.0.0.1:{agent_port}, "
+            "storage in .azurite/. Ctrl-C to stop.",
             flush=True,
         )
         while not stop and all(child.poll() is None for child in children):

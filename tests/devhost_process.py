@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,13 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
-def devhost_process(settings: Mapping[str, str], *, ready_timeout: float = 60.0) -> Iterator[str]:
-    """Start the devhost with ``settings`` on top of the environment; yields its base URL
-    (``http://127.0.0.1:<port>``) once it prints its ready line, and stops it afterwards."""
+def devhost_process(
+    settings: Mapping[str, str], *, args: Sequence[str] = (), ready_timeout: float = 60.0
+) -> Iterator[str]:
+    """Start the devhost with ``settings`` on top of the environment (and extra command-line ``args``);
+    yields its base URL (``http://127.0.0.1:<port>``) once it prints its ready line, and stops it after."""
     port = free_ports(1)[0]
     env = {**os.environ, **settings, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "routines.devhost", "--port", str(port)],
+        [sys.executable, "-m", "routines.devhost", "--port", str(port), *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -561,6 +561,42 @@ def test_in_process_host_without_timers(tmp_path: Path, monkeypatch: pytest.Monk
         assert host.stop(grace=5)
 
 
+def test_function_key_guards_non_anonymous_routes_only(tmp_path: Path) -> None:
+    (tmp_path / "function_app.py").write_text(
+        textwrap.dedent(
+            """
+            import azure.functions as func
+
+            app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+
+            @app.route(route="secret")
+            def secret(req: func.HttpRequest) -> func.HttpResponse:
+                return func.HttpResponse("secret")
+
+            @app.route(route="pages/{*path}", auth_level=func.AuthLevel.ANONYMOUS)
+            def pages(req: func.HttpRequest) -> func.HttpResponse:
+                return func.HttpResponse("page")
+            """
+        ),
+        encoding="utf-8",
+    )
+    (tmp_path / "host.json").write_text(json.dumps({"version": "2.0"}))
+    host = DevHost(tmp_path, port=0, timers=False, function_key="k3y")
+    host.start()
+    try:
+        assert host.route_url("pages") == f"{host.url}/api/pages"
+        assert host.route_url("nothing") is None
+        get = lambda path, **kw: httpx.get(f"{host.url}/api/{path}", timeout=5, **kw)  # noqa: E731
+        assert (get("secret").status_code, get("secret").content) == (401, b"")
+        assert get("secret", headers={"x-functions-key": "wrong"}).status_code == 401
+        assert get("secret", headers={"x-functions-key": "k3y"}).text == "secret"
+        assert get("secret?code=k3y").text == "secret"
+        assert get("pages").text == get("pages/a/b.css").text == "page"  # anonymous: no key needed
+        assert get("nowhere").status_code == 404  # unknown paths stay 404, not 401
+    finally:
+        assert host.stop(grace=5)
+
+
 def _app_with(decorate: Callable[[Any], None]) -> Any:
     import azure.functions as func
 
@@ -637,6 +673,8 @@ def test_discovery_rejects_what_the_devhost_cannot_run() -> None:
         pytest.param("items/{id?}", ["items"], {}, id="optional_absent"),
         pytest.param("items/{id?}", ["items", "3"], {"id": "3"}, id="optional_present"),
         pytest.param("files/{*rest}", ["files", "a", "b.txt"], {"rest": "a/b.txt"}, id="catch_all"),
+        pytest.param("files/{*rest}", ["files"], {}, id="catch_all_matches_nothing"),
+        pytest.param("files/{*rest}", ["other"], None, id="catch_all_after_a_literal"),
         pytest.param(
             "files/{name}.{ext}",
             ["files", "report.tar.gz"],
