@@ -178,15 +178,7 @@ class FoundryApi:
     def _create_or_update(self, name: str, request: Request) -> Response:
         spec = translate.routine_request(name, Api._json_body(request))
         try:
-            current: Routine | None = self.service.get_routine_by_name(name)
-        except NotFound:
-            current = None
-        try:
-            if current is None:
-                routine = self.service.create_routine(spec.create_fields(name))
-            else:
-                patch = spec.patch(current)
-                routine = self.service.update_routine(current.id, patch, None) if patch else current
+            routine = self._write(name, spec)
         except Invalid as exc:
             raise translate.relocated(exc, spec.trigger_key) from None
         # The definition first, then the state: a fire the new definition queued is dropped as
@@ -196,6 +188,19 @@ class FoundryApi:
         elif spec.enabled is False and routine.state is RoutineState.enabled:
             routine = self.service.disable_routine(routine.id)
         return Response(200, translate.foundry_routine(routine))
+
+    def _write(self, name: str, spec: translate.RoutineRequest) -> Routine:
+        """Create the routine, or update the one of that name; a create that loses a race with
+        another of the same name updates the winner instead."""
+        try:
+            current = self.service.get_routine_by_name(name)
+        except NotFound:
+            try:
+                return self.service.create_routine(spec.create_fields(name))
+            except Conflict:
+                current = self.service.get_routine_by_name(name)
+        patch = spec.patch(current)
+        return self.service.update_routine(current.id, patch, None) if patch else current
 
     def _action(self, name: str, action: str, request: Request) -> Response:
         routine = self.service.get_routine_by_name(name)

@@ -17,6 +17,7 @@ import pytest
 
 from routines.api import Request, Response
 from routines.config import Settings, StorageTarget
+from routines.errors import NotFound
 from routines.foundry_api import FoundryApi
 from routines.messages import MemoryQueue
 from routines.service import Service
@@ -181,3 +182,18 @@ def test_foundry_routes_are_anonymous_at_the_functions_level_and_the_rest_is_not
             assert level == "func.AuthLevel.ANONYMOUS", route
         elif route.startswith("routines"):
             assert level is None, f"{route} should keep the app's function-level default"
+
+
+def test_a_create_that_loses_the_race_for_its_name_updates_the_winner() -> None:
+    foundry = Foundry()
+    assert foundry.call("item", "PUT", {"name": "daily"}, BODY).status == 200
+    lookups = foundry.store.get_routine_by_name
+
+    def first_lookup_misses(name: str) -> Any:  # as if the other create landed just after it
+        foundry.store.get_routine_by_name = lookups  # type: ignore[method-assign]
+        raise NotFound(name)
+
+    foundry.store.get_routine_by_name = first_lookup_misses  # type: ignore[method-assign]
+    response = foundry.call("item", "PUT", {"name": "daily"}, {**BODY, "description": "second writer"})
+    assert response.status == 200 and response.body["description"] == "second writer"
+    assert len(foundry.store.list_routines(None, 10, None).items) == 1
