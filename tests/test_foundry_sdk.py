@@ -7,12 +7,14 @@ to show what the SDK cannot (the same cron error through ``/api/routines``).
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -360,3 +362,23 @@ def test_enabling_a_completed_timer_is_resource_exists(client: AIProjectClient) 
     with pytest.raises(ResourceExistsError) as caught:
         client.beta.routines.enable(name)
     assert caught.value.status_code == 409
+
+
+def test_the_readme_example_runs_with_its_two_lines_changed(app: str) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Coming from Foundry Routines", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:1]
+    lines = block.splitlines()
+    endpoint = [i for i, line in enumerate(lines) if line.strip().startswith("endpoint=")]
+    credential = [i for i, line in enumerate(lines) if line.strip().startswith("credential=")]
+    assert len(endpoint) == len(credential) == 1, "the README's two lines moved"
+    lines[endpoint[0]] = f"    endpoint={app + '/api/foundry'!r},"
+    lines[credential[0]] = "    credential=StaticToken(), per_call_policies=[AllowPlainHttp()],"
+    name = unique("daily-compliance-scan")
+    code = "\n".join(lines).replace('"daily-compliance-scan"', repr(name))
+    namespace: dict[str, Any] = {"StaticToken": StaticToken, "AllowPlainHttp": AllowPlainHttp}
+    exec(compile(code, "README.md", "exec"), namespace)
+    project_client = namespace["project_client"]
+    run = wait_for_run(project_client, name, namespace["result"].dispatch_id)
+    assert run is not None and run.status == "succeeded"
+    assert project_client.beta.routines.get(name).action.agent_name == "compliance-agent"
