@@ -84,7 +84,9 @@ class RoutineRequest:
         if self.description is not None:
             patch["description"] = self.description
         if self.trigger is not None:
-            cleared = {key: None for key in current.trigger.model_dump(mode="json")}
+            old = current.trigger.model_dump(mode="json")
+            # Another kind of trigger replaces the old one whole already (``Service.update_routine``).
+            cleared = {key: None for key in old} if self.trigger.get("type") == old["type"] else {}
             patch["trigger"] = {**cleared, **self.trigger}
         if self.actions is not None:
             patch["actions"] = self.actions  # a list: merge patch replaces it whole
@@ -270,7 +272,8 @@ def foundry_routine(routine: Routine) -> dict[str, Any]:
 
 
 def foundry_action(action: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": RESPONSES_API, "agent_name": action.agent_name or action.agent_id}
+    agent = getattr(action, "agent_name", None) or getattr(action, "agent_id", None)
+    out: dict[str, Any] = {"type": RESPONSES_API, "agent_name": agent}
     if hasattr(action, "input"):
         out["input"] = action.input
     if isinstance(action, ResponseAction) and action.thread_id:
@@ -293,6 +296,7 @@ def foundry_run(run: Run) -> dict[str, Any]:
         "status": run.status.value,
         "phase": _PHASES.get(run.status.value, "dispatching"),
         "trigger_type": source if fired_by_trigger else None,
+        "trigger_name": source if fired_by_trigger else None,  # the key reads show the trigger under
         "attempt_source": _ATTEMPT_SOURCES.get(source),
         "action_type": RESPONSES_API,
         "scheduled_fire_at": unix(run.scheduled_for) if fired_by_trigger else None,

@@ -210,6 +210,10 @@ def test_timer_trigger_round_trips_as_unix_time(client: AIProjectClient) -> None
     )
     (trigger,) = created.triggers.values()
     assert isinstance(trigger, TimerRoutineTrigger) and trigger.at == at
+    # And back to a schedule: another kind of trigger replaces the timer whole.
+    updated = client.beta.routines.create_or_update(name, triggers=daily("0 9 * * 1"))
+    (trigger,) = updated.triggers.values()
+    assert isinstance(trigger, ScheduleRoutineTrigger) and trigger.cron_expression == "0 9 * * 1"
 
 
 def test_list_walks_every_page(client: AIProjectClient, app: str, seen: Seen) -> None:

@@ -155,6 +155,10 @@ def test_patch_replaces_the_trigger_whole_and_leaves_out_what_the_body_left_out(
         "trigger": {"type": "schedule", "cron_expression": "0 7 * * *", "time_zone": None}
     }
     assert translate.routine_request("daily-scan", {"enabled": False}).patch(routine()) == {}
+    timer = {"type": "timer", "at": "2030-01-01T00:00:00Z"}
+    assert translate.routine_request("daily-scan", {"triggers": {"t": timer}}).patch(routine()) == {
+        "trigger": timer  # another kind: sent as it is, the domain replaces the trigger whole
+    }
 
 
 @pytest.mark.parametrize(
@@ -312,6 +316,7 @@ def test_run_source(
 ) -> None:
     rendered = translate.foundry_run(run(trigger=trigger))
     assert (rendered["attempt_source"], rendered["trigger_type"]) == (source, trigger_type)
+    assert rendered["trigger_name"] == trigger_type  # the key foundry_routine gives the trigger
     assert rendered["scheduled_fire_at"] == scheduled and rendered["triggered_at"] == T0_UNIX
     assert rendered["dispatch_id"] == ("run_8203_abc" if trigger is RunTrigger.manual else None)
 
