@@ -78,6 +78,7 @@ def app(azurite: Any, agent: FakeAgent) -> Iterator[str]:
         "ROUTINES_AGENT_BACKEND": "http",
         "ROUTINES_AGENT_ENDPOINT": agent.url,
         "ROUTINES_FOUNDRY_API": "open",
+        "ROUTINES_MIN_INTERVAL_SECONDS": "1",
     }
     with devhost_process(settings) as base:
         yield base
@@ -259,6 +260,30 @@ def test_dispatch_runs_at_the_agent_and_list_runs_pages(
     runs = list(client.beta.routines.list_runs(name, limit=2))
     assert [r.id for r in runs] == [*reversed(others), first.dispatch_id]  # newest first, all of them
     assert len([u for m, u in seen.requests if "/runs" in u]) >= 2
+
+
+def test_a_schedule_under_five_minutes_fires_and_its_runs_read_as_schedule_deliveries(
+    client: AIProjectClient,
+) -> None:
+    # Foundry's minimum interval is five minutes; here a 6-field cron fires every two seconds.
+    name = unique("every-2s")
+    client.beta.routines.create_or_update(name, triggers=daily("*/2 * * * * *", "UTC"), action=action())
+    deadline = time.monotonic() + 30
+    done: list[Any] = []
+    while time.monotonic() < deadline and len(done) < 2:
+        done = [r for r in client.beta.routines.list_runs(name) if r.phase == "completed"]
+        time.sleep(0.5)
+    client.beta.routines.disable(name)
+    assert len(done) >= 2, done
+    for run in done:
+        assert (run.status, run.attempt_source, run.trigger_type) == (
+            "succeeded",
+            "schedule_delivery",
+            "schedule",
+        )
+        assert run.scheduled_fire_at is not None and run.scheduled_fire_at.second % 2 == 0
+        assert run.triggered_at == run.scheduled_fire_at and run.dispatch_id is None
+    assert done[0].scheduled_fire_at > done[1].scheduled_fire_at  # newest first
 
 
 # --- bad input: the SDK's own exceptions, nothing stored -------------------------------------------
