@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from routines import foundry_translate as translate
+from routines import lifecycle
 from routines.api import Api, ApiError, Request, Response
 from routines.config import Settings
 from routines.errors import (
@@ -110,10 +111,6 @@ class FoundryApi:
         return None
 
     @staticmethod
-    def _limit(query: Mapping[str, str]) -> int:
-        return Api._limit(query)
-
-    @staticmethod
     def _order(query: Mapping[str, str], *, only_desc: bool) -> None:
         order = query.get("order") or None
         if order is None:
@@ -136,7 +133,7 @@ class FoundryApi:
             "data": items,
             "first_id": items[0]["id"] if items else None,
             "last_id": items[-1]["id"] if items else None,
-            "has_more": continuation is not None,
+            "has_more": next_link is not None,
             "next_link": next_link,
         }
 
@@ -153,7 +150,7 @@ class FoundryApi:
     # --- routes -----------------------------------------------------------------------------
     def list_routines(self, request: Request) -> Response:
         self._order(request.query, only_desc=False)  # accepted; routines come in a stable (id) order
-        limit = self._limit(request.query)
+        limit = Api._limit(request.query)
         page = self.service.list_routines(None, limit, request.query.get("after") or None)
         items = [translate.foundry_routine(r) for r in page.items]
         return Response(200, self._page(items, page.continuation, "/routines", limit))
@@ -199,6 +196,10 @@ class FoundryApi:
                 return self.service.create_routine(spec.create_fields(name))
             except Conflict:
                 current = self.service.get_routine_by_name(name)
+        if spec.enabled is True and spec.trigger is None:
+            # The enable that follows the update must not fail after the update landed: the same
+            # pure rule, checked first (a completed timer raises Conflict here, nothing written).
+            lifecycle.enable(current, self.service.clock())
         patch = spec.patch(current)
         return self.service.update_routine(current.id, patch, None) if patch else current
 
@@ -222,7 +223,7 @@ class FoundryApi:
                 400, "", "filter is not supported; /api/routines/{id}/runs?status= filters by status"
             )
         self._order(request.query, only_desc=True)
-        limit = self._limit(request.query)
+        limit = Api._limit(request.query)
         routine = self.service.get_routine_by_name(name)
         page = self.service.list_runs(routine.id, None, limit, request.query.get("after") or None)
         items = [translate.foundry_run(run) for run in page.items]

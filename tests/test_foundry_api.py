@@ -20,6 +20,7 @@ from routines.config import Settings, StorageTarget
 from routines.errors import NotFound
 from routines.foundry_api import FoundryApi
 from routines.messages import MemoryQueue
+from routines.models import RoutineState
 from routines.service import Service
 from routines.store.memory import MemoryStore
 from tests.helpers import Clock
@@ -197,3 +198,17 @@ def test_a_create_that_loses_the_race_for_its_name_updates_the_winner() -> None:
     response = foundry.call("item", "PUT", {"name": "daily"}, {**BODY, "description": "second writer"})
     assert response.status == 200 and response.body["description"] == "second writer"
     assert len(foundry.store.list_routines(None, 10, None).items) == 1
+
+
+def test_enabling_a_completed_timer_with_other_changes_is_409_and_changes_nothing() -> None:
+    foundry = Foundry()
+    timer = {"once": {"type": "timer", "at": int(NOW.timestamp()) + 3600}}
+    assert foundry.call("item", "PUT", {"name": "once"}, {**BODY, "triggers": timer}).status == 200
+    current, etag = foundry.store.get_routine_by_name("once")
+    completed = current.model_copy(
+        update={"state": RoutineState.completed, "next_fire_at": None, "due_at": None}
+    )
+    foundry.store.replace_routine(completed, etag, current)
+    response = foundry.call("item", "PUT", {"name": "once"}, {"description": "changed", "enabled": True})
+    assert response.status == 409 and error_of(response)["code"] == "conflict"
+    assert foundry.store.get_routine_by_name("once")[0] == completed
