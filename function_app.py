@@ -16,6 +16,7 @@ import azure.functions as func
 from routines import openapi, telemetry, ui
 from routines.api import Api, Request, Response
 from routines.dispatcher import PoisonMessage
+from routines.foundry_api import FoundryApi
 from routines.models import now_utc
 from routines.purge import purge
 from routines.repair import repair as run_repair
@@ -30,18 +31,24 @@ STORAGE_CONNECTION = os.environ.get("ROUTINES_STORAGE_CONNECTION", "AzureWebJobs
 os.environ.setdefault("ROUTINES_QUEUE_NAME", "routine-dispatch")
 
 
-def _serve(
-    handler: Callable[[Api], Callable[[Request], Response]], req: func.HttpRequest
-) -> func.HttpResponse:
-    api = get_runtime().api
-    request = Request(
+def _request(req: func.HttpRequest) -> Request:
+    return Request(
         method=req.method,
         route_params=dict(req.route_params),
         query=dict(req.params),
         headers={k.lower(): v for k, v in req.headers.items()},
         body=req.get_body() or b"",
     )
-    response = api.handle(handler(api), request)
+
+
+def _serve(
+    handler: Callable[[Api], Callable[[Request], Response]], req: func.HttpRequest
+) -> func.HttpResponse:
+    api = get_runtime().api
+    return _http_response(api.handle(handler(api), _request(req)))
+
+
+def _http_response(response: Response) -> func.HttpResponse:
     headers = {k: v for k, v in response.headers.items() if k != "Content-Type"}
     return func.HttpResponse(
         response.encoded() if response.body is not None else None,
@@ -109,6 +116,37 @@ def dashboard(req: func.HttpRequest) -> func.HttpResponse:
     return func.HttpResponse(
         asset.body, status_code=asset.status, headers=asset.headers, mimetype=asset.content_type
     )
+
+
+# /api/foundry: Foundry Routines' SDK (beta.routines) unchanged but for its endpoint. Anonymous at
+# the Functions level (the SDK sends an Entra bearer token, never a function key); the surface is
+# off unless ROUTINES_FOUNDRY_API is set, and "entra" needs App Service Authentication (README).
+# Actions (`{name}:enable`) come in on routines/{name}: a colon is no route separator.
+def _serve_foundry(
+    handler: Callable[[FoundryApi], Callable[[Request], Response]], req: func.HttpRequest
+) -> func.HttpResponse:
+    runtime = get_runtime()
+    foundry = FoundryApi(runtime.api.service, runtime.settings)
+    return _http_response(foundry.handle(handler(foundry), _request(req)))
+
+
+@app.route(route="foundry/routines", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def foundry_routines(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve_foundry(lambda f: f.list_routines, req)
+
+
+@app.route(
+    route="foundry/routines/{name}",
+    methods=["GET", "PUT", "DELETE", "POST"],
+    auth_level=func.AuthLevel.ANONYMOUS,
+)
+def foundry_routine(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve_foundry(lambda f: f.routine, req)
+
+
+@app.route(route="foundry/routines/{name}/runs", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def foundry_routine_runs(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve_foundry(lambda f: f.list_runs, req)
 
 
 @app.timer_trigger(schedule="0 * * * * *", arg_name="timer", run_on_startup=False, use_monitor=False)

@@ -131,6 +131,28 @@ param foundryResourceGroupName string = ''
 param foundryProjectName string = ''
 
 // ---------------------------------------------------------------------------------------------
+// Foundry drop-in (/api/foundry: Foundry Routines' SDK against this app; README, "Coming from
+// Foundry Routines"). Off, or behind App Service Authentication with Entra ID: there is no
+// unauthenticated choice in Azure, and entra without a client id fails the deployment.
+// ---------------------------------------------------------------------------------------------
+
+@description('ROUTINES_FOUNDRY_API: off, or entra (an Entra bearer token, validated by App Service Authentication, is the credential).')
+@allowed([
+  'off'
+  'entra'
+])
+param foundryApi string = 'off'
+
+@description('With foundryApi=entra: client id of the Entra app registration whose tokens the app accepts.')
+param foundryApiClientId string = ''
+
+@description('With foundryApi=entra: accepted token audiences; empty means api://<foundryApiClientId>. Add https://ai.azure.com to accept the SDK\'s default token unchanged.')
+param foundryApiAudiences array = []
+
+@description('With foundryApi=entra: object ids of the principals allowed; empty allows any principal of the tenant holding a token for an accepted audience.')
+param foundryApiAllowedPrincipalIds array = []
+
+// ---------------------------------------------------------------------------------------------
 // Names
 // ---------------------------------------------------------------------------------------------
 
@@ -219,6 +241,7 @@ var routinesSettings = {
   ROUTINES_REPAIR_AFTER_SECONDS: string(repairAfterSeconds)
   ROUTINES_RUN_ARCHIVE_CONTAINER: runArchiveContainer
   ROUTINES_LOG_FORMAT: logFormat
+  ROUTINES_FOUNDRY_API: foundryApi
   // Keep or drop whole traces (tick -> dispatch -> agent), not parts of them.
   OTEL_TRACES_SAMPLER: 'microsoft.fixed_percentage'
   OTEL_TRACES_SAMPLER_ARG: '1.0'
@@ -248,6 +271,17 @@ module api './app/function.bicep' = {
   dependsOn: [
     rbac
   ]
+}
+
+module foundryAuth './app/easyauth.bicep' = if (foundryApi == 'entra') {
+  name: 'foundry-auth'
+  scope: rg
+  params: {
+    functionAppName: api.outputs.name
+    clientId: foundryApiClientId
+    audiences: foundryApiAudiences
+    allowedPrincipalIds: foundryApiAllowedPrincipalIds
+  }
 }
 
 output AZURE_LOCATION string = location

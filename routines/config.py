@@ -53,6 +53,10 @@ class Settings:
     otlp_endpoint: str | None = None
     azure_client_id: str | None = None
     log_format: str = "text"  # or "json": one JSON object per line, with trace and span ids
+    # /api/foundry (the drop-in for Foundry Routines' SDK): off, entra (App Service
+    # Authentication must vouch for every caller) or open (no check: local hosts only).
+    foundry_api: str = "off"
+    app_service_auth: bool = False  # WEBSITE_AUTH_ENABLED: the platform's authentication is on
 
     @property
     def poison_queue_name(self) -> str:
@@ -92,6 +96,8 @@ class Settings:
             otlp_endpoint=get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             azure_client_id=get("AZURE_CLIENT_ID"),
             log_format=_choice(env, "ROUTINES_LOG_FORMAT", ("text", "json")),
+            foundry_api=_choice(env, "ROUTINES_FOUNDRY_API", ("off", "entra", "open")),
+            app_service_auth=(get("WEBSITE_AUTH_ENABLED") or "").lower() == "true",
         )
 
 

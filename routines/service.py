@@ -80,6 +80,10 @@ class Service:
     def get_routine(self, routine_id: str) -> Routine:
         return self.store.get_routine(routine_id)[0]
 
+    def get_routine_by_name(self, name: str) -> Routine:
+        """Raises ``NotFound``."""
+        return self.store.get_routine_by_name(name)[0]
+
     def list_routines(self, state: RoutineState | None, limit: int, continuation: str | None) -> Page:
         return self.store.list_routines(state.value if state else None, limit, continuation)
 

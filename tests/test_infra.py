@@ -46,6 +46,11 @@ LOCAL_ONLY_SETTINGS = {
     "OTEL_EXPORTER_OTLP_ENDPOINT": "local OTLP collector; in Azure telemetry goes to Application Insights",
 }
 
+# Read by the code, set by the platform itself (never by Bicep), with when.
+PLATFORM_SETTINGS = {
+    "WEBSITE_AUTH_ENABLED": "App Service sets it when its authentication is on (infra/app/easyauth.bicep)",
+}
+
 # Settings the Flex Consumption plan rejects or that would reintroduce keys.
 FORBIDDEN_SETTINGS = {
     "FUNCTIONS_WORKER_RUNTIME",
@@ -450,7 +455,7 @@ def test_code_setting_discovery_finds_the_spec_settings() -> None:
 def test_every_setting_the_code_reads_is_set_in_bicep() -> None:
     stale = set(LOCAL_ONLY_SETTINGS) - code_setting_names()
     assert not stale, f"LOCAL_ONLY_SETTINGS lists settings the code no longer reads: {sorted(stale)}"
-    missing = code_setting_names() - set(LOCAL_ONLY_SETTINGS) - set(app_settings())
+    missing = code_setting_names() - set(LOCAL_ONLY_SETTINGS) - set(PLATFORM_SETTINGS) - set(app_settings())
     assert not missing, f"the code reads settings no Bicep *Settings variable sets: {sorted(missing)}"
 
 
@@ -684,3 +689,38 @@ def test_binding_expressions_in_function_app_name_settings_bicep_sets() -> None:
             names.update(re.findall(r"%([A-Za-z_][A-Za-z0-9_]*)%", node.value))
     missing = names - set(app_settings())
     assert not missing, f"function_app.py binds to %SETTING%s Bicep does not set: {sorted(missing)}"
+
+
+# ------------------------------------------------------------------------------------------------
+# (5) The Foundry drop-in is off, or behind App Service Authentication: never open in Azure
+# ------------------------------------------------------------------------------------------------
+
+
+def test_foundry_api_is_off_by_default_and_has_no_unauthenticated_choice() -> None:
+    param = parse(MAIN)["parameters"]["foundryApi"]
+    allowed = next(d["argument"] for d in param["decorators"] if d["type"] == "allowed")
+    assert param["default"] == "off" and sorted(allowed) == ["entra", "off"]  # "open" is local only
+    assert app_settings()["ROUTINES_FOUNDRY_API"] == ("infra/main.bicep", "foundryApi")
+    assert Settings.from_env(bicep_environment()).foundry_api == "off"
+
+
+def test_entra_deploys_app_service_authentication_and_fails_without_a_client_id() -> None:
+    (module,) = [m for m in modules(MAIN).values() if m["detail"]["path"] == "./app/easyauth.bicep"]
+    condition = parse(MAIN)["modules"]["foundryAuth"]["config"]["condition"]["operator"]
+    assert condition == {"type": "equals", "operands": {"operand_1": "foundryApi", "operand_2": "entra"}}
+    assert module["config"]["params"]["clientId"] == "foundryApiClientId"
+    path = INFRA / "app" / "easyauth.bicep"
+    client_id = parse(path)["parameters"]["clientId"]
+    assert client_id["default"] is None  # required, and a GUID's length: empty fails the deployment
+    assert {d["type"]: d["argument"] for d in client_id["decorators"]}.get("min_length") == 36
+    auth = one_resource(path, "Microsoft.Web/sites/config")["config"]
+    assert auth["name"] == "authsettingsV2" and auth["properties"]["platform"]["enabled"] is True
+    entra = auth["properties"]["identityProviders"]["azureActiveDirectory"]
+    assert entra["enabled"] is True and entra["registration"]["clientId"] == "clientId"
+    assert "${tenant().tenantId}" in entra["registration"]["openIdIssuer"]  # this tenant's tokens only
+    # Optional for the app as a whole: function keys and webhook signatures still serve the other
+    # routes, and /api/foundry refuses callers without a validated principal itself.
+    assert auth["properties"]["globalValidation"] == {
+        "requireAuthentication": False,
+        "unauthenticatedClientAction": "AllowAnonymous",
+    }

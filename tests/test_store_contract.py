@@ -122,6 +122,20 @@ def test_get_unknown_routine_is_not_found(store: Store) -> None:
         store.get_routine(new_routine_id())
 
 
+def test_get_by_name_finds_the_routine_and_follows_renames_and_deletes(store: Store) -> None:
+    routine = make_routine("by-name")
+    etag = store.create_routine(routine)
+    found, found_etag = store.get_routine_by_name("by-name")
+    assert (found.id, found_etag) == (routine.id, etag)
+    store.replace_routine(changed(routine, name="renamed-by-name"), etag, routine)
+    with pytest.raises(NotFound):
+        store.get_routine_by_name("by-name")
+    assert store.get_routine_by_name("renamed-by-name")[0].id == routine.id
+    store.delete_routine(routine.id)
+    with pytest.raises(NotFound):
+        store.get_routine_by_name("renamed-by-name")
+
+
 def test_create_with_a_taken_name_is_conflict_and_writes_nothing(store: Store) -> None:
     first = make_routine("shared-name", fire=T0 + MINUTE)
     store.create_routine(first)

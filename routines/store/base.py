@@ -102,6 +102,11 @@ class Store(Protocol):
         """Raises ``NotFound``."""
         ...
 
+    def get_routine_by_name(self, name: str) -> tuple[Routine, str]:
+        """The routine named ``name`` (two point reads: the name index, then the routine).
+        Raises ``NotFound``."""
+        ...
+
     def replace_routine(
         self, routine: Routine, etag: str, previous: Routine, watches: Sequence[Watch] = ()
     ) -> str:

@@ -47,6 +47,19 @@ class PlanStore:
             raise NotFound(f"routine {routine_id!r} not found")
         return codec.routine_from_row(found[0]), found[1]
 
+    def get_routine_by_name(self, name: str) -> tuple[Routine, str]:
+        for _ in range(3):  # the name row, then its routine; a rename in between: read again
+            found = self._read("routines", codec.ROUTINE_PK, codec.name_rk(name), f"routine {name}")
+            if not found:
+                break
+            try:
+                routine, etag = self.get_routine(found[0]["RoutineId"])
+            except NotFound:
+                continue
+            if routine.name == name:
+                return routine, etag
+        raise NotFound(f"routine named {name!r} not found")
+
     def replace_routine(
         self, routine: Routine, etag: str, previous: Routine, watches: Sequence[Watch] = ()
     ) -> str:
