@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from routines.errors import RoutinesError
 
@@ -53,10 +54,18 @@ class Settings:
     otlp_endpoint: str | None = None
     azure_client_id: str | None = None
     log_format: str = "text"  # or "json": one JSON object per line, with trace and span ids
+    # Every app setting as read at start, for the ones users name (a webhook's ``secret_setting``).
+    # In Azure a Key Vault reference is resolved by the platform before the process starts.
+    app_settings: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def poison_queue_name(self) -> str:
         return f"{self.queue_name}-poison"
+
+    def app_setting(self, name: str) -> str | None:
+        """The value of app setting ``name`` (``None`` when unset or blank). Secrets: never log it."""
+        value = self.app_settings.get(name)
+        return value if value and value.strip() else None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -92,6 +101,7 @@ class Settings:
             otlp_endpoint=get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             azure_client_id=get("AZURE_CLIENT_ID"),
             log_format=_choice(env, "ROUTINES_LOG_FORMAT", ("text", "json")),
+            app_settings=MappingProxyType(dict(env)),
         )
 
 
