@@ -149,6 +149,13 @@ class EventCondition(Model):
     op: Literal["eq", "ne", "in", "contains", "gt", "gte", "lt", "lte", "exists"]
     value: Any = None
 
+    @field_validator("value")
+    @classmethod
+    def _shallow(cls, value: Any) -> Any:
+        if _depth(value) > MAX_INPUT_DEPTH:  # deep nesting cannot be serialized back
+            raise ValueError(f"nests objects and arrays deeper than {MAX_INPUT_DEPTH} levels")
+        return value
+
     @model_validator(mode="after")
     def _value_fits_op(self) -> EventCondition:
         if self.op == "exists":
@@ -170,12 +177,17 @@ class WebhookTrigger(Model):
     ``app_setting`` (a name -> value lookup), an undefined or unusable setting is invalid."""
 
     type: Literal["webhook"]
-    signature: Literal["standard-webhooks", "github"]
+    signature: Literal["standard-webhooks", "github"] = "standard-webhooks"
     secret_setting: str = Field(pattern=SECRET_SETTING_PATTERN)
     when: list[EventCondition] = Field(default_factory=list, max_length=20)
     debounce_seconds: int = Field(default=0, ge=0, le=86400)
 
     _integers = field_validator("debounce_seconds", mode="before")(json_integers)
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _one_or_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value  # one condition, or a list of them (all)
 
     @field_validator("secret_setting")
     @classmethod

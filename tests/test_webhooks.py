@@ -531,3 +531,12 @@ def test_the_purge_forgets_deliveries_with_their_runs(world: World) -> None:
     assert world.store.get_delivery(rid, "msg_1") is None
     world.clock.now = later
     assert world.deliver(rid).status == 202  # remembered as long as runs are kept, not for ever
+
+
+def test_the_scheme_defaults_to_standard_webhooks_and_one_condition_needs_no_list(world: World) -> None:
+    body = routine_body(when={"path": "action", "op": "eq", "value": "opened"})
+    del body["trigger"]["signature"]
+    created = world.call("create_routine", body).body
+    assert created["trigger"]["signature"] == "standard-webhooks"
+    assert created["trigger"]["when"] == [{"path": "action", "op": "eq", "value": "opened"}]
+    assert world.deliver(created["id"]).status == 202
