@@ -393,6 +393,7 @@ BAD_INPUT = [
     pytest.param(lambda w, rid: w.deliver(rid, raw=b'{"a": 1e999}'), 400, id="infinite_number"),
     pytest.param(lambda w, rid: w.deliver(rid, raw=b"\xff\xfe{}"), 400, id="not_utf8"),
     pytest.param(lambda w, rid: w.deliver(rid, raw=b""), 400, id="empty_body"),
+    pytest.param(lambda w, rid: w.deliver(rid, raw=b"[" * 300 + b"]" * 300), 400, id="nested_too_deeply"),
 ]
 
 

@@ -53,6 +53,7 @@ from routines.models import (
     WebhookTrigger,
     run_id_for,
 )
+from routines.models import _depth as nesting
 from routines.store import DebounceWrite, Delivery, Store
 from routines.webhooks import events, signatures
 
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 * 1024  # a delivery's body as received
 MAX_EVENT_BYTES = MAX_BODY_BYTES + 16 * 1024  # the stored event: body re-encoded, plus its headers
+MAX_EVENT_DEPTH = 64
 _NAME = re.compile(NAME_PATTERN)
 _ATTEMPTS = 8  # read-decide-write rounds of a debounce window before giving up (503)
 
@@ -103,12 +105,18 @@ def parse_body(body: bytes) -> Any:
         return value
 
     try:
-        return json.loads(body, parse_constant=no_constant, parse_float=finite)
+        document = json.loads(body, parse_constant=no_constant, parse_float=finite)
     except (ValueError, RecursionError) as exc:
         raise ValidationError(
             f"the body is not JSON ({str(exc)[:200]}); webhook deliveries must be application/json",
             [{"loc": ["body"], "msg": "not JSON"}],
         ) from None
+    if nesting(document) > MAX_EVENT_DEPTH:  # it could be neither stored nor serialized back
+        raise ValidationError(
+            f"the body nests objects and arrays deeper than {MAX_EVENT_DEPTH} levels",
+            [{"loc": ["body"], "msg": "nested too deeply"}],
+        )
+    return document
 
 
 @dataclass
