@@ -541,3 +541,23 @@ def test_the_scheme_defaults_to_standard_webhooks_and_one_condition_needs_no_lis
     assert created["trigger"]["signature"] == "standard-webhooks"
     assert created["trigger"]["when"] == [{"path": "action", "op": "eq", "value": "opened"}]
     assert world.deliver(created["id"]).status == 202
+
+
+def test_the_hook_route_is_anonymous_and_the_management_routes_are_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+    from pathlib import Path
+
+    from routines.devhost import discover_functions, find_function_app, load_app_module
+
+    monkeypatch.setitem(sys.modules, "function_app", sys.modules.get("function_app"))  # restored after
+    root = Path(__file__).resolve().parent.parent
+    specs = discover_functions(find_function_app(load_app_module(root)), {})
+    levels = {
+        s.trigger["route"]: str(s.trigger["authLevel"]) for s in specs if s.trigger_type == "httpTrigger"
+    }
+    anonymous = {route for route, level in levels.items() if level.lower().endswith("anonymous")}
+    assert "hooks/{key}" in anonymous
+    assert "routines" in levels and "routines" not in anonymous
+    assert anonymous <= {"hooks/{key}", "health", "openapi.json"} | {r for r in levels if r.startswith("ui")}
