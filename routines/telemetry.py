@@ -2,8 +2,9 @@
 
 One trace covers a fire from the tick to the agent::
 
-    routines.tick (SERVER)                         one per tick
-      routines.fire (PRODUCER)                     one per fire enqueued; its context is the
+    routines.tick (SERVER)                         one per tick (or routines.hook (SERVER): one per
+      routines.fire (PRODUCER)                     webhook delivery, whose run's message carries it)
+        │                                          one per fire enqueued; its context is the
         │                                          message's ``traceparent``
         routines.dispatch.fire (CONSUMER)          one per message handled, child of the message
           routines.agent.start (CLIENT)            one per agent call; the agent gets its traceparent
