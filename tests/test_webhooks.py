@@ -22,7 +22,6 @@ from routines.dispatcher import Dispatcher
 from routines.messages import MemoryQueue
 from routines.purge import purge
 from routines.repair import repair
-from routines.store import Delivery
 from routines.store.memory import MemoryStore
 from tests.helpers import Clock
 
@@ -302,19 +301,27 @@ def test_a_replayed_id_with_another_body_keeps_the_first_run_and_is_logged(
 
 
 def test_two_copies_racing_start_one_run(world: World) -> None:
-    """Both copies read "not seen yet"; the delivery row, inserted with the run, lets only one win."""
+    """Both copies get as far as the write; the delivery row, inserted with the run, lets one win and
+    the other answers with the winner's run."""
+    import threading
+
     rid = world.create()["id"]
-    first = world.deliver(rid)
-    original = world.store.get_delivery
-    calls = {"n": 0}
+    both_ready = threading.Barrier(2, timeout=10)
+    write = world.store.record_delivery
 
-    def stale_once(routine_id: str, delivery_id: str) -> Delivery | None:
-        calls["n"] += 1
-        return None if calls["n"] == 1 else original(routine_id, delivery_id)
+    def meet_then_write(*args: Any, **kwargs: Any) -> str:
+        both_ready.wait()
+        return write(*args, **kwargs)
 
-    world.store.get_delivery = stale_once  # type: ignore[method-assign]
-    second = world.deliver(rid)
-    assert first.status == 202 and second.status == 200 and second.body["id"] == first.body["id"]
+    world.store.record_delivery = meet_then_write  # type: ignore[method-assign]
+    answers: list[Response] = []
+    copies = [threading.Thread(target=lambda: answers.append(world.deliver(rid))) for _ in range(2)]
+    for copy in copies:
+        copy.start()
+    for copy in copies:
+        copy.join(10)
+    assert sorted(a.status for a in answers) == [200, 202]
+    assert answers[0].body["id"] == answers[1].body["id"]
     world.drain()
     assert len(world.agent.calls) == 1 and len(world.runs(rid)) == 1
 
