@@ -568,3 +568,17 @@ def test_the_hook_route_is_anonymous_and_the_management_routes_are_not(
     assert "hooks/{key}" in anonymous
     assert "routines" in levels and "routines" not in anonymous
     assert anonymous <= {"hooks/{key}", "health", "openapi.json"} | {r for r in levels if r.startswith("ui")}
+
+
+def test_a_redelivery_inside_the_debounce_window_does_not_fold_again(world: World) -> None:
+    rid = world.create(debounce_seconds=10)["id"]
+    first = world.deliver(rid, msg_id="m0")
+    world.drain(until=world.clock() + timedelta(seconds=1))
+    again = world.deliver(rid, msg_id="m0")
+    assert first.status == 202 and again.status == 200 and again.body["id"] == first.body["id"]
+    assert (
+        again.body["coalesced_fires"] == 0 and again.body["next_attempt_at"] == first.body["next_attempt_at"]
+    )
+    world.drain()
+    [(started, _)] = world.agent.calls
+    assert started == NOW + timedelta(seconds=10)  # the window did not move for the redelivery

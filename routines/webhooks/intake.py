@@ -280,7 +280,10 @@ class Intake:
             except Conflict:
                 return self._lost(routine, delivery)
             except PreconditionFailed:
-                continue  # the window moved (another delivery, or its run started): look again
+                # The window moved (another delivery, or its run started), or this very delivery
+                # landed within the same millisecond: look again.
+                if self.store.get_delivery(routine.id, delivery.delivery_id) is not None:
+                    return self._lost(routine, delivery)
         raise StorageUnavailable(f"routine {routine.id}: its debounce window kept changing; deliver again")
 
     def _open_window(self, routine_id: str, run_id: str | None) -> tuple[Run | None, str | None]:
