@@ -121,6 +121,16 @@ _RETRY_FORMS = [
         "else": {"properties": {"delays_seconds": {"anyOf": [{"type": "null"}, {"minItems": 1}]}}},
     },
 ]
+# A webhook condition's value: a boolean (or absent) for ``exists``, required for the other ops, a list
+# for ``in``.
+_CONDITION_VALUE = [
+    {
+        "if": {"properties": {"op": {"const": "exists"}}},
+        "then": {"properties": {"value": {"type": ["boolean", "null"]}}},
+        "else": {"required": ["value"]},
+    },
+    {"if": {"properties": {"op": {"const": "in"}}}, "then": {"properties": {"value": {"type": "array"}}}},
+]
 # The fields of a routine that have a default: ``null`` in a merge patch puts the default back.
 _DEFAULTED = ("description", "retry_policy", "overlap_policy", "catchup_window_seconds", "timeout_seconds")
 
@@ -213,6 +223,7 @@ def document() -> dict[str, Any]:
     for action in ("InvocationAction", "ResponseAction"):
         components[action] = {**components[action], "allOf": [_ONE_AGENT]}
     components["RetryPolicy"] = {**components["RetryPolicy"], "allOf": _RETRY_FORMS}
+    components["EventCondition"] = {**components["EventCondition"], "allOf": _CONDITION_VALUE}
     # Generated in the same batch as the others, so its $refs use the same (-Input/-Output) names.
     components["RoutinePatch"] = _routine_patch(components.pop(_RoutineFields.__name__), components)
     components["Problem"] = {

@@ -582,3 +582,25 @@ def test_a_redelivery_inside_the_debounce_window_does_not_fold_again(world: Worl
     world.drain()
     [(started, _)] = world.agent.calls
     assert started == NOW + timedelta(seconds=10)  # the window did not move for the redelivery
+
+
+def test_the_openapi_document_describes_webhook_routines_runs_and_conditions(world: World) -> None:
+    import jsonschema
+
+    from routines import openapi
+
+    schemas = openapi.document()["components"]["schemas"]
+    routine = world.create(when=[{"path": "action", "op": "in", "value": ["opened"]}], debounce_seconds=2)
+    run = world.deliver(routine["id"]).body
+    for name, instance in (("Routine", routine), ("Run", run)):
+        jsonschema.validate(instance, {**schemas[name], "components": {"schemas": schemas}})
+    condition = {**schemas["EventCondition"], "components": {"schemas": schemas}}
+    jsonschema.validate({"path": "a", "op": "exists"}, condition)
+    for bad in (
+        {"path": "a", "op": "in", "value": 1},
+        {"path": "a", "op": "eq"},
+        {"op": "exists", "value": 3},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, condition)
+    assert "/api/hooks/{key}" in openapi.document()["paths"]
