@@ -122,7 +122,7 @@ class PlanStore:
         try:
             return self._write("runs", ops, f"run {run.id}")[0]
         except _LOST as exc:
-            if len(exc.args) > 1 and exc.args[1] == 1:
+            if exc.op == 1:
                 raise Conflict(f"delivery {delivery.delivery_id!r} was taken already") from None
             raise PreconditionFailed(f"run {run.id!r} or the debounce window changed") from None
 
