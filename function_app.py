@@ -94,6 +94,13 @@ def routine_run(req: func.HttpRequest) -> func.HttpResponse:
     return _serve(lambda api: api.get_run, req)
 
 
+# Anonymous at the Functions level: the delivery's signature (Standard Webhooks or GitHub's) is its
+# authentication, checked against the secret the routine's secret_setting names.
+@app.route(route="hooks/{key}", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def hook(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve(lambda api: api.receive_hook, req)
+
+
 @app.route(route="preview", methods=["POST"])
 def preview(req: func.HttpRequest) -> func.HttpResponse:
     return _serve(lambda api: api.preview, req)

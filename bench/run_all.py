@@ -2,8 +2,8 @@
 
 Each one is its own process (a fresh Azurite each), run one after another so they never compete for
 the machine's cores; a failure is reported and the others still run. Without names, all run, in this
-order: tick_cost, requests_per_fire, throughput, on_time, compute_per_fire, apscheduler_peer (the last
-waits ~11 minutes for killed in-flight fires to come back unless ``--quick``).
+order: tick_cost, requests_per_fire, throughput, on_time, compute_per_fire, webhooks, apscheduler_peer
+(the last waits ~11 minutes for killed in-flight fires to come back unless ``--quick``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-ORDER = ("tick_cost", "requests_per_fire", "throughput", "on_time", "compute_per_fire", "apscheduler_peer")
+ORDER = (
+    "tick_cost",
+    "requests_per_fire",
+    "throughput",
+    "on_time",
+    "compute_per_fire",
+    "webhooks",
+    "apscheduler_peer",
+)
 
 
 def main() -> int:

@@ -449,7 +449,8 @@ class Soak:
                 self.queue.send_message(message.content)  # the original comes back in 2 s
                 self.injected["copy of a taken message (+ its redelivery)"] += 1
             now = datetime.now(UTC)
-            for routine_id in self.rng.sample(sorted(self.created), 3):
+            crons = sorted(rid for rid, r in self.created.items() if r["trigger"]["type"] == "schedule")
+            for routine_id in self.rng.sample(crons, 3):  # churn creates timers too: they have no cron
                 routine = self.created[routine_id]
                 cron = schedule.parse_cron(routine["trigger"]["cron_expression"])
                 upcoming = cron.next_after(now + timedelta(seconds=1))

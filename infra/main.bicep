@@ -116,6 +116,23 @@ param runArchiveContainer string = ''
 param logFormat string = 'text'
 
 // ---------------------------------------------------------------------------------------------
+// Webhook secrets (optional). POST /api/hooks/{routine} is anonymous at the Functions level: the
+// delivery's signature is its authentication, checked against the secret in the app setting the
+// routine's trigger names (secret_setting). Keep those secrets in Key Vault: each entry below
+// becomes an app setting holding a Key Vault reference, resolved by the platform with the app's
+// identity, so the secret is never in the template, the deployment or Routines' tables.
+// ---------------------------------------------------------------------------------------------
+
+@description('Webhook secret settings: {"<SETTING_NAME>": "https://<vault>.vault.azure.net/secrets/<name>"}; a webhook trigger names the setting in secret_setting.')
+param webhookSecretUris object = {}
+
+@description('Key Vault (RBAC model) holding those secrets: the identity gets Key Vault Secrets User on it; empty to grant it yourself.')
+param webhookKeyVaultName string = ''
+
+@description('Resource group of that vault; empty means the app\'s resource group.')
+param webhookKeyVaultResourceGroupName string = ''
+
+// ---------------------------------------------------------------------------------------------
 // Foundry access (optional). With an account name, the identity gets "Azure AI User" on the
 // project (or the account when no project is named). Without one, grant it by hand: see
 // docs/deployment.md.
@@ -247,6 +264,22 @@ var routinesSettings = {
   OTEL_TRACES_SAMPLER_ARG: '1.0'
 }
 
+module keyVaultRbac './app/keyvault-rbac.bicep' = if (!empty(webhookKeyVaultName)) {
+  name: 'keyvault-rbac'
+  scope: resourceGroup(!empty(webhookKeyVaultResourceGroupName) ? webhookKeyVaultResourceGroupName : rg.name)
+  params: {
+    keyVaultName: webhookKeyVaultName
+    principalId: identity.outputs.principalId
+  }
+}
+
+// One Key Vault reference per webhook secret setting (names chosen by the user, SPEC 16).
+var webhookSecretReferences = toObject(
+  items(webhookSecretUris),
+  entry => entry.key,
+  entry => '@Microsoft.KeyVault(SecretUri=${entry.value})'
+)
+
 module api './app/function.bicep' = {
   name: 'function'
   scope: rg
@@ -263,13 +296,14 @@ module api './app/function.bicep' = {
     deploymentContainerName: deploymentContainerName
     applicationInsightsConnectionString: monitoring.outputs.connectionString
     storageConnectionName: storageConnectionName
-    appSettings: routinesSettings
+    appSettings: union(routinesSettings, webhookSecretReferences)
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
   }
-  // Start the host only once its identity can reach storage and Application Insights.
+  // Start the host only once its identity can reach storage, Application Insights and the vault.
   dependsOn: [
     rbac
+    keyVaultRbac
   ]
 }
 

@@ -26,6 +26,8 @@ from routines.errors import (
     PreconditionFailed,
     RoutinesError,
     StorageUnavailable,
+    TooLarge,
+    Unauthorized,
     ValidationError,
 )
 from routines.messages import DispatchQueue
@@ -43,6 +45,7 @@ from routines.models import (
 from routines.schedule import next_fire_after
 from routines.service import Service
 from routines.store import Store
+from routines.webhooks.intake import SecretUnavailable
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 256 * 1024
@@ -156,6 +159,12 @@ class Api:
             return problem(400, "Bad request", str(exc), exc.errors)
         except StorageUnavailable as exc:
             return problem(503, "Storage unavailable", str(exc))
+        except Unauthorized as exc:
+            return problem(401, "Unauthorized", str(exc))
+        except TooLarge as exc:
+            return problem(413, "Payload too large", str(exc))
+        except SecretUnavailable as exc:
+            return problem(503, "Webhook secret unavailable", str(exc))
 
     def _context(self, now: datetime) -> dict[str, Any]:
         return {"min_interval_seconds": self.settings.min_interval_seconds, "now": now}
@@ -297,6 +306,19 @@ class Api:
     def get_run(self, request: Request) -> Response:
         run = self.service.get_run(request.route_params["id"], request.route_params["run_id"])
         return Response(200, run.public())
+
+    # --- webhooks ---------------------------------------------------------------------------
+    def receive_hook(self, request: Request) -> Response:
+        """``POST /api/hooks/{key}``: anonymous; the delivery's signature is its authentication."""
+        key = request.route_params["key"]
+        outcome = self.service.receive_webhook(key, request.headers, request.body)
+        if outcome.status == 204:
+            return Response(204)
+        run = outcome.run
+        if run is None:  # a redelivery whose run was purged
+            return Response(outcome.status, {"id": outcome.run_id})
+        location = {"Location": f"/api/routines/{run.routine_id}/runs/{run.id}"}
+        return Response(outcome.status, run.public(), location)
 
     # --- misc -------------------------------------------------------------------------------
     def preview(self, request: Request) -> Response:

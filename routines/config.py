@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from routines.errors import RoutinesError
 
@@ -57,10 +58,18 @@ class Settings:
     # Authentication must vouch for every caller) or open (no check: local hosts only).
     foundry_api: str = "off"
     app_service_auth: bool = False  # WEBSITE_AUTH_ENABLED: the platform's authentication is on
+    # Every app setting as read at start, for the ones users name (a webhook's ``secret_setting``).
+    # In Azure a Key Vault reference is resolved by the platform before the process starts.
+    app_settings: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def poison_queue_name(self) -> str:
         return f"{self.queue_name}-poison"
+
+    def app_setting(self, name: str) -> str | None:
+        """The value of app setting ``name`` (``None`` when unset or blank). Secrets: never log it."""
+        value = self.app_settings.get(name)
+        return value if value and value.strip() else None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -98,6 +107,7 @@ class Settings:
             log_format=_choice(env, "ROUTINES_LOG_FORMAT", ("text", "json")),
             foundry_api=_choice(env, "ROUTINES_FOUNDRY_API", ("off", "entra", "open")),
             app_service_auth=(get("WEBSITE_AUTH_ENABLED") or "").lower() == "true",
+            app_settings=MappingProxyType(dict(env)),
         )
 
 

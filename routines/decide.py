@@ -322,6 +322,12 @@ def _existing(f: Facts, routine: Routine, run: Run) -> Step:
             return Wait(delay_until(due, now))
         return _claim(f, routine, run, tuple(effects), fresh=False)
     if run.status is RunStatus.queued:
+        held = run.next_attempt_at  # a queued run may be held until then (a webhook debounce window)
+        if held is not None and held > now + timedelta(seconds=MAX_EARLY_WAIT):
+            effects.append(Send(m, delay_until(held, now)))
+            return Done(tuple(effects), "queued until its next_attempt_at")
+        if held is not None and held > now:
+            return Wait(delay_until(held, now))
         return _claim(f, routine, run, tuple(effects), fresh=False)
     return Done(tuple(effects), "nothing to do")
 
@@ -357,7 +363,7 @@ def _cancelled_by_routine(routine: Routine, run: Run) -> str | None:
         return None
     if routine.state is RoutineState.disabled:
         return "the routine was disabled"
-    if run.status is RunStatus.queued and run.trigger is not RunTrigger.manual:
+    if run.status is RunStatus.queued and run.trigger not in (RunTrigger.manual, RunTrigger.webhook):
         return "the routine was disabled or rescheduled before this fire could start"
     return None
 
@@ -667,7 +673,9 @@ def poll_delay(run: Run, outcome: AgentOutcome, now: datetime) -> float:
 
 
 def is_manual_run(run_id: str) -> bool:
-    return run_id.rsplit("_", 1)[-1].startswith("m")
+    """A run written before its first message (manual ``m...``, webhook ``w...``): its messages
+    find it rather than create it, and are never stale (scheduled runs' ids end in hex digits)."""
+    return run_id.rsplit("_", 1)[-1][:1] in ("m", "w")
 
 
 def message_for(
@@ -755,5 +763,7 @@ def repair(run: Run | None, watch_fire: DispatchMessage, now: datetime, repair_a
         if due > now:
             return Repair(None, due, "retry due later")
         return Repair(retry_message(run), later, "retry message lost: sent again")
-    # queued: manual, coalesced, or buffered behind a running fire
+    # queued: manual, webhook, coalesced, or buffered behind a running fire
+    if run.next_attempt_at is not None and run.next_attempt_at + repair_after > now:
+        return Repair(None, run.next_attempt_at + repair_after, "queued until its next_attempt_at")
     return Repair(release_message(run), later, "queued: fire sent again")

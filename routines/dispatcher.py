@@ -34,6 +34,7 @@ from routines.models import (
 )
 from routines.scheduler import OWNER
 from routines.store import SlotTaken, Store
+from routines.webhooks import events
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,8 @@ class Dispatcher:
             attempt=run.attempt,
             action_index=index,
             action_type=action.type,
-            input=override if override is not None else action.input,
+            # Until the steps' placeholder engine lands: a webhook run's {{event.*}} filled in.
+            input=events.substitute(override if override is not None else action.input, events.context(run)),
             agent_id=action.agent_id,
             agent_name=action.agent_name,
             agent_version=action.agent_version,

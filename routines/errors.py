@@ -47,6 +47,14 @@ class Invalid(ValidationError):
     """A resource as given breaks a rule of the model (the API answers ``422``)."""
 
 
+class Unauthorized(RoutinesError):
+    """The request does not authenticate (a webhook delivery whose signature does not verify)."""
+
+
+class TooLarge(RoutinesError):
+    """The request is over a size limit."""
+
+
 class StorageUnavailable(RoutinesError):
     """Storage could not be reached or answered with a server error."""
 

@@ -42,7 +42,7 @@ def enable(routine: Routine, now: datetime) -> Routine | None:
             "this timer routine has fired and is completed; PATCH trigger.at to a future time to "
             "schedule it again"
         )
-    if next_fire_after(routine.trigger, now) is None:
+    if isinstance(routine.trigger, TimerTrigger) and next_fire_after(routine.trigger, now) is None:
         raise Conflict("the timer's time has passed; PATCH trigger.at to a future time")
     return _bumped(routine, now, schedule=True, state=RoutineState.enabled)
 

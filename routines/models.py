@@ -140,7 +140,70 @@ class TimerTrigger(Model):
         return value
 
 
-Trigger = Annotated[ScheduleTrigger | TimerTrigger, Field(discriminator="type")]
+class EventCondition(Model):
+    """A condition on a webhook delivery's JSON body (SPEC 12): ``path`` is a dot path into it (list
+    items by index; absent: the whole body). A path that is not there makes every ``op`` false but
+    ``exists`` (``value: false`` asks for absence)."""
+
+    path: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[^.]+(\.[^.]+)*$")
+    op: Literal["eq", "ne", "in", "contains", "gt", "gte", "lt", "lte", "exists"]
+    value: Any = None
+
+    @field_validator("value")
+    @classmethod
+    def _shallow(cls, value: Any) -> Any:
+        if _depth(value) > MAX_INPUT_DEPTH:  # deep nesting cannot be serialized back
+            raise ValueError(f"nests objects and arrays deeper than {MAX_INPUT_DEPTH} levels")
+        return value
+
+    @model_validator(mode="after")
+    def _value_fits_op(self) -> EventCondition:
+        if self.op == "exists":
+            if self.value is not None and not isinstance(self.value, bool):
+                raise ValueError("value of op exists is true (the default) or false")
+        elif "value" not in self.model_fields_set:
+            raise ValueError(f"op {self.op} needs a value")
+        elif self.op == "in" and not isinstance(self.value, list):
+            raise ValueError("value of op in is a list")
+        return self
+
+
+SECRET_SETTING_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+
+
+class WebhookTrigger(Model):
+    """Runs start from signed HTTP deliveries (``POST /api/hooks/{routine}``). The secret is read from
+    the app setting ``secret_setting`` names, never stored. With a validation context holding
+    ``app_setting`` (a name -> value lookup), an undefined or unusable setting is invalid."""
+
+    type: Literal["webhook"]
+    signature: Literal["standard-webhooks", "github"] = "standard-webhooks"
+    secret_setting: str = Field(pattern=SECRET_SETTING_PATTERN)
+    when: list[EventCondition] = Field(default_factory=list, max_length=20)
+    debounce_seconds: int = Field(default=0, ge=0, le=86400)
+
+    _integers = field_validator("debounce_seconds", mode="before")(json_integers)
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _one_or_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value  # one condition, or a list of them (all)
+
+    @field_validator("secret_setting")
+    @classmethod
+    def _setting_defined(cls, value: str, info: ValidationInfo) -> str:
+        lookup = (info.context or {}).get("app_setting")
+        if lookup is None:
+            return value
+        from routines.webhooks.signatures import secret_problem  # the scheme's rules, in one place
+
+        problem = secret_problem(info.data.get("signature"), lookup(value))
+        if problem:
+            raise ValueError(f"app setting {value}: {problem}")
+        return value
+
+
+Trigger = Annotated[ScheduleTrigger | TimerTrigger | WebhookTrigger, Field(discriminator="type")]
 
 # --- actions --------------------------------------------------------------------------------------
 
@@ -338,6 +401,7 @@ class RunTrigger(StrEnum):
     schedule = "schedule"
     timer = "timer"
     manual = "manual"
+    webhook = "webhook"
 
 
 class ActionResult(Model):
@@ -390,6 +454,16 @@ class RunProgress(Model):
     handed_to: str | None = None  # a finished run: the buffered run it handed the overlap slot to
 
 
+class WebhookEvent(Model):
+    """The delivery a webhook run was started by (for a debounced run: the latest of its burst).
+    ``body`` is the parsed JSON; ``headers`` are lower-cased, without the signature or credentials."""
+
+    id: str  # the delivery id: webhook-id or X-GitHub-Delivery
+    received_at: UtcDatetime
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: Any = None
+
+
 class Run(Model):
     id: str
     routine_id: str
@@ -406,10 +480,11 @@ class Run(Model):
     error_message: str | None = None
     trace_id: str | None = None
     coalesced_fires: int = 0  # fires a late tick or catch-up folded into this run (besides its own)
+    event: WebhookEvent | None = None  # webhook runs only
     progress: RunProgress = Field(default_factory=RunProgress, exclude=True)
 
     def public(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"progress"})
+        return self.model_dump(mode="json", exclude={"progress"} if self.event else {"progress", "event"})
 
 
 _EPOCH_LIMIT_MS = 10**13  # year 2286: keeps inverted timestamps 13 digits wide

@@ -121,6 +121,16 @@ _RETRY_FORMS = [
         "else": {"properties": {"delays_seconds": {"anyOf": [{"type": "null"}, {"minItems": 1}]}}},
     },
 ]
+# A webhook condition's value: a boolean (or absent) for ``exists``, required for the other ops, a list
+# for ``in``.
+_CONDITION_VALUE = [
+    {
+        "if": {"properties": {"op": {"const": "exists"}}},
+        "then": {"properties": {"value": {"type": ["boolean", "null"]}}},
+        "else": {"required": ["value"]},
+    },
+    {"if": {"properties": {"op": {"const": "in"}}}, "then": {"properties": {"value": {"type": "array"}}}},
+]
 # The fields of a routine that have a default: ``null`` in a merge patch puts the default back.
 _DEFAULTED = ("description", "retry_policy", "overlap_policy", "catchup_window_seconds", "timeout_seconds")
 
@@ -149,7 +159,14 @@ def _routine_patch(fields: dict[str, Any], components: dict[str, Any]) -> dict[s
         properties[name] = _nullable(properties[name])
     schedule = components["ScheduleTrigger"]
     timer = components.get("TimerTrigger-Input") or components["TimerTrigger"]
-    properties["trigger"] = {"anyOf": [_trigger_patch(schedule, ("time_zone",)), _trigger_patch(timer, ())]}
+    webhook = components.get("WebhookTrigger-Input") or components["WebhookTrigger"]
+    properties["trigger"] = {
+        "anyOf": [
+            _trigger_patch(schedule, ("time_zone",)),
+            _trigger_patch(timer, ()),
+            _trigger_patch(webhook, ("when", "debounce_seconds")),
+        ]
+    }
     # Inside a patched retry policy, null removes a member too (its default comes back).
     retry = components["RetryPolicy"]
     properties["retry_policy"] = {
@@ -206,6 +223,7 @@ def document() -> dict[str, Any]:
     for action in ("InvocationAction", "ResponseAction"):
         components[action] = {**components[action], "allOf": [_ONE_AGENT]}
     components["RetryPolicy"] = {**components["RetryPolicy"], "allOf": _RETRY_FORMS}
+    components["EventCondition"] = {**components["EventCondition"], "allOf": _CONDITION_VALUE}
     # Generated in the same batch as the others, so its $refs use the same (-Input/-Output) names.
     components["RoutinePatch"] = _routine_patch(components.pop(_RoutineFields.__name__), components)
     components["Problem"] = {
@@ -287,6 +305,45 @@ def document() -> dict[str, Any]:
         "/api/routines/{id}/runs/{run_id}": {
             "get": _op("Get a run", 200, _ref("Run"), (404,), params=(_ID, _RUN_ID))
         },
+        "/api/hooks/{key}": {
+            "post": {
+                "summary": "Deliver a webhook event (anonymous: the signature authenticates it)",
+                "security": [],
+                "parameters": [
+                    {
+                        "name": "key",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "the routine's id or name",
+                    },
+                    *(
+                        {"name": name, "in": "header", "required": False, "schema": {"type": "string"}}
+                        for name in (
+                            "webhook-id",
+                            "webhook-timestamp",
+                            "webhook-signature",
+                            "X-Hub-Signature-256",
+                            "X-GitHub-Delivery",
+                        )
+                    ),
+                ],
+                "requestBody": {"required": True, **_json({})},
+                "responses": {
+                    "202": {
+                        "description": "A run started (or, debounced, took this event)",
+                        **_json(_ref("Run")),
+                        "headers": _LOCATION,
+                    },
+                    "200": {
+                        "description": "A redelivery: the run this delivery id started",
+                        **_json({"anyOf": [_ref("Run"), {"type": "object"}]}),
+                    },
+                    "204": {"description": "Filtered out by the trigger's when: no run"},
+                    **{str(code): _PROBLEM for code in (400, 401, 404, 409, 413, 503)},
+                },
+            }
+        },
         "/api/preview": {
             "post": _op(
                 "Preview the next fires of a trigger",
@@ -323,7 +380,7 @@ def document() -> dict[str, Any]:
         "info": {
             "title": "Routines",
             "version": "1.0.0",
-            "description": "Agent scheduler: cron and timer triggers bound to agent invocations.",
+            "description": "Agent scheduler: cron, timer and webhook triggers bound to agent invocations.",
         },
         "paths": paths,
         "components": {

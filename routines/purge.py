@@ -62,7 +62,14 @@ def purge(store: Store, settings: Settings, now: datetime, archive: Archiver | N
         if archive:
             archive(name, [r.public() for r in batch])
         total += store.delete_runs(batch)
-    log.info("purge: deleted %d runs scheduled before %s", total, cutoff.isoformat())
+    # Webhook deliveries are remembered (a redelivery finds its run) as long as runs are kept.
+    forgotten = store.delete_deliveries_before(cutoff)
+    log.info(
+        "purge: deleted %d runs scheduled before %s, forgot %d webhook deliveries",
+        total,
+        cutoff.isoformat(),
+        forgotten,
+    )
     return total
 
 

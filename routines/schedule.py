@@ -603,7 +603,8 @@ def next_fire_after(trigger: Any, after: datetime) -> datetime | None:
     """Next fire of a trigger strictly after ``after`` (aware), as an aware UTC datetime, or None.
 
     ``trigger.type`` is ``"schedule"`` (with ``cron_expression`` and ``time_zone``) or ``"timer"``
-    (with an aware ``at``, truncated to the second): a timer gives ``at`` while it is after ``after``.
+    (with an aware ``at``, truncated to the second): a timer gives ``at`` while it is after ``after``;
+    a ``"webhook"`` trigger has no fires in time (None).
     A schedule gives None only if it has no fire before the year 9999. Raises ``ScheduleError`` for an
     invalid schedule and ``ValueError`` for naive datetimes or an unknown trigger type.
     """
@@ -618,4 +619,6 @@ def next_fire_after(trigger: Any, after: datetime) -> datetime | None:
     if kind == "timer":
         at = _require_aware(trigger.at, "trigger.at").replace(microsecond=0)
         return at if at > after_utc else None
+    if kind == "webhook":
+        return None  # fires come from deliveries, not the clock
     raise ValueError(f"unknown trigger type {kind!r}")

@@ -34,6 +34,7 @@ from routines.models import (
     ScheduleTrigger,
     TimerTrigger,
     Trigger,
+    WebhookTrigger,
     idempotency_key,
     scheduled_run_id,
     utc_text,
@@ -75,7 +76,7 @@ class FirePlan:
 
 
 def plan_fires(
-    trigger: ScheduleTrigger | TimerTrigger,
+    trigger: ScheduleTrigger | TimerTrigger | WebhookTrigger,
     fire_at: datetime,
     catchup_window_seconds: int,
     now: datetime,
@@ -84,8 +85,11 @@ def plan_fires(
     """Plan the fires from ``fire_at`` (the routine's next fire) up to ``until``.
 
     Fires older than the catch-up window become one ``missed`` record; past fires inside the window
-    are coalesced into one run of the latest; future fires before ``until`` are all enqueued.
+    are coalesced into one run of the latest; future fires before ``until`` are all enqueued. A
+    webhook trigger has no fires in time.
     """
+    if isinstance(trigger, WebhookTrigger):
+        return FirePlan([], None)
     window_start = now - timedelta(seconds=catchup_window_seconds)
     if isinstance(trigger, TimerTrigger):
         if fire_at < window_start:

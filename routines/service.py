@@ -11,7 +11,7 @@ Every write lands before the fires it makes valid are enqueued (docs: the README
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -37,6 +37,7 @@ from routines.models import (
     now_utc,
 )
 from routines.store import Page, Store
+from routines.webhooks import intake
 
 log = logging.getLogger(__name__)
 Change = Callable[[Routine, datetime], "Routine | scheduler.Immediate | None"]
@@ -50,7 +51,11 @@ class Service:
     clock: Callable[[], datetime] = now_utc
 
     def _context(self, now: datetime) -> dict[str, Any]:
-        return {"min_interval_seconds": self.settings.min_interval_seconds, "now": now}
+        return {
+            "min_interval_seconds": self.settings.min_interval_seconds,
+            "now": now,
+            "app_setting": self.settings.app_setting,  # a webhook's secret_setting must be defined
+        }
 
     # --- routines ---------------------------------------------------------------------------
     def create_routine(self, data: dict[str, Any]) -> Routine:
@@ -207,6 +212,11 @@ class Service:
         except StorageUnavailable as exc:
             log.warning("manual run %s accepted but not enqueued (%s); the repair pass sends it", run_id, exc)
         return run
+
+    def receive_webhook(self, key: str, headers: Mapping[str, str], body: bytes) -> intake.Outcome:
+        """Take one webhook delivery for the routine ``key`` names (id or name); see
+        ``routines.webhooks.intake.Intake.receive`` for what it answers and raises."""
+        return intake.Intake(self.store, self.queue, self.settings, self.clock).receive(key, headers, body)
 
     def list_runs(
         self, routine_id: str, status: RunStatus | None, limit: int, continuation: str | None

@@ -2,8 +2,9 @@
 
 One trace covers a fire from the tick to the agent::
 
-    routines.tick (SERVER)                         one per tick
-      routines.fire (PRODUCER)                     one per fire enqueued; its context is the
+    routines.tick (SERVER)                         one per tick (or routines.hook (SERVER): one per
+      routines.fire (PRODUCER)                     webhook delivery, whose run's message carries it)
+        │                                          one per fire enqueued; its context is the
         │                                          message's ``traceparent``
         routines.dispatch.fire (CONSUMER)          one per message handled, child of the message
           routines.agent.start (CLIENT)            one per agent call; the agent gets its traceparent
@@ -59,11 +60,13 @@ FIRE_SPAN: Final = "routines.fire"
 DISPATCH_SPAN_PREFIX: Final = "routines.dispatch."  # + the message kind: fire, retry, poll
 AGENT_START_SPAN: Final = "routines.agent.start"
 AGENT_POLL_SPAN: Final = "routines.agent.poll"
+HOOK_SPAN: Final = "routines.hook"  # a webhook delivery; its run's messages carry this span's context
 
 # The span kind follows from the name, so call sites only name what they do. The kinds are what
 # Application Insights maps to its tables: SERVER/CONSUMER -> requests, the others -> dependencies.
 _KIND_BY_PREFIX: Final = (
     (TICK_SPAN, SpanKind.SERVER),
+    (HOOK_SPAN, SpanKind.SERVER),
     (FIRE_SPAN, SpanKind.PRODUCER),
     (DISPATCH_SPAN_PREFIX, SpanKind.CONSUMER),
     ("routines.agent.", SpanKind.CLIENT),
@@ -253,13 +256,14 @@ def record_tick(enqueued: int) -> None:
 
 
 def record_fires(count: int, source: str) -> None:
-    """``source``: ``tick``, or ``api`` for fires enqueued at once on create / update / enable."""
+    """``source``: ``tick``, ``api`` for fires enqueued at once on create / update / enable, or
+    ``webhook`` for a run started by a delivery."""
     if count:
         fires_scheduled.add(count, {"source": source})
 
 
 def record_run_finished(status: str, trigger: str | None = None) -> None:
-    """A run reached a final status (``trigger``: schedule, timer or manual)."""
+    """A run reached a final status (``trigger``: schedule, timer, manual or webhook)."""
     runs_finished.add(1, _clean({"status": status, "trigger": trigger}))
 
 

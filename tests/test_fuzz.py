@@ -10,7 +10,8 @@ Generation is bounded (``MAX_EXAMPLES`` per operation) and derandomized, so a ru
 One built-in check is replaced, not dropped: ``positive_data_acceptance`` holds that every request the
 document allows must be accepted. This API also applies rules JSON Schema cannot state, each answered
 with a documented status whose problem names the field: cron grammar and the minimum interval, IANA
-time zone names, a timer that must lie in the future, the 32 KiB / 64-level limits of an action's
+time zone names, a timer that must lie in the future, a webhook's secret_setting naming an app setting
+that is defined, the 32 KiB / 64-level limits of an action's
 input, opaque continuation tokens, ``If-Match`` against the routine's current version, and the rules
 of a routine applied to the result of a merge patch (a 422 naming a field the patch sets).
 ``accepts_valid_data`` is the same check with exactly those rejections allowed, and nothing else.
@@ -46,7 +47,8 @@ MAX_EXAMPLES = 50
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 # Locations (the tail of a problem's ``errors[].loc``) of rules that JSON Schema cannot express.
-SEMANTIC_FIELDS = {"cron_expression", "time_zone", "at", "after"}
+# ``secret_setting``: a webhook's app setting must be defined on the host, which no schema can know.
+SEMANTIC_FIELDS = {"cron_expression", "time_zone", "at", "after", "secret_setting"}
 KNOWN: dict[str, list[str]] = {"routines": [], "runs": []}  # filled by the ``api_base`` fixture
 _turn = itertools.count()
 

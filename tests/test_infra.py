@@ -71,6 +71,7 @@ EXPECTED_ROLES = {
     "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3": "Storage Table Data Contributor",
     "3913510d-42f4-4e42-8a64-420c390055eb": "Monitoring Metrics Publisher",
     "53ca6127-db72-4b80-b1b0-d745d6d5456d": "Azure AI User",
+    "4633458b-17de-408a-b874-0445c86b69e6": "Key Vault Secrets User",  # webhook secrets (read only)
 }
 
 # Resource types and API versions checked against official templates, samples or REST specs
@@ -93,6 +94,7 @@ VERIFIED_API_VERSIONS = {
     "Microsoft.Authorization/roleAssignments": "2022-04-01",
     "Microsoft.CognitiveServices/accounts": "2025-06-01",
     "Microsoft.CognitiveServices/accounts/projects": "2025-06-01",
+    "Microsoft.KeyVault/vaults": "2023-07-01",
 }
 
 EXTENSION_BUNDLE_ID = "Microsoft.Azure.Functions.ExtensionBundle"
@@ -496,7 +498,14 @@ def test_no_setting_flex_consumption_rejects_or_that_carries_keys() -> None:
 def test_bicep_defaults_match_code_defaults() -> None:
     deployed = Settings.from_env(bicep_environment())
     expected = code_defaults()
-    platform = {"storage", "appinsights_connection_string", "azure_client_id", "otlp_endpoint"}
+    # app_settings is the snapshot of every setting (for webhook secret_setting names), not a default.
+    platform = {
+        "storage",
+        "appinsights_connection_string",
+        "azure_client_id",
+        "otlp_endpoint",
+        "app_settings",
+    }
     differing = {
         field.name: (getattr(deployed, field.name), getattr(expected, field.name))
         for field in dataclasses.fields(Settings)

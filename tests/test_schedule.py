@@ -733,6 +733,11 @@ def test_next_fire_after_rejects_naive_and_unknown() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         next_fire_after(Timer(datetime(2026, 12, 1)), utc("2026-11-29T20:00:00Z"))
     with pytest.raises(ValueError, match="unknown trigger type"):
+        next_fire_after(Timer(utc("2026-12-01T10:00:00Z"), type="smoke-signal"), utc("2026-11-29T20:00:00Z"))
+    # A webhook trigger is known, and has no fires in time.
+    assert (
         next_fire_after(Timer(utc("2026-12-01T10:00:00Z"), type="webhook"), utc("2026-11-29T20:00:00Z"))
+        is None
+    )
     with pytest.raises(ScheduleError, match="Unknown time zone"):
         next_fire_after(Schedule("0 6 * * *", "Nowhere/Land"), utc("2026-11-29T20:00:00Z"))

@@ -28,7 +28,17 @@ from routines.models import (
     new_routine_id,
     run_id_for,
 )
-from routines.store import Advance, DueEntry, SlotTaken, SlotWrite, Store, Watch, codec
+from routines.store import (
+    Advance,
+    DebounceWrite,
+    Delivery,
+    DueEntry,
+    SlotTaken,
+    SlotWrite,
+    Store,
+    Watch,
+    codec,
+)
 from routines.store.memory import MemoryStore
 from routines.store.tables import TableStore
 
@@ -1142,3 +1152,85 @@ def test_a_version_bounded_unwatch_keeps_a_watch_written_for_a_newer_schedule(st
     store.unwatch(w.routine_id, w.run_id, up_to_version=3)
     assert store.watched(T0 + 60 * MINUTE, 100) == []
     store.unwatch(w.routine_id, w.run_id, up_to_version=3)  # gone: not an error
+
+
+# --- webhook deliveries ------------------------------------------------------------------------------
+
+
+def _event_run(routine_id: str, at: datetime, body: Any = None, **changes: Any) -> Run:
+    event = {"id": "msg_1", "received_at": at, "headers": {"x-event": "push"}, "body": body or {"a": "é🙂"}}
+    return make_run(routine_id, at, RunStatus.queued, trigger=RunTrigger.webhook, event=event, **changes)
+
+
+def _delivery(routine_id: str, run_id: str, delivery_id: str = "msg_1", at: datetime = T0) -> Delivery:
+    return Delivery(routine_id, delivery_id, run_id, "ab" * 32, at)
+
+
+def test_a_routine_is_found_by_its_name(store: Store) -> None:
+    routine = make_routine("by-name")
+    store.create_routine(routine)
+    assert store.get_routine_by_name("by-name")[0] == routine
+    with pytest.raises(NotFound):
+        store.get_routine_by_name("nobody")
+
+
+def test_record_delivery_writes_the_run_and_claims_the_delivery_id(store: Store) -> None:
+    run = _event_run("rt_d1", T0)
+    etag = store.record_delivery(run, None, _delivery("rt_d1", run.id))
+    got, got_etag = store.get_run("rt_d1", run.id)
+    assert got == run and got_etag == etag and got.event is not None and got.event.body == {"a": "é🙂"}
+    assert store.get_delivery("rt_d1", "msg_1") == _delivery("rt_d1", run.id)
+    assert store.get_delivery("rt_d1", "msg_2") is None
+    # The same delivery again, with another run: refused whole (that run is not written).
+    other = _event_run("rt_d1", T0 + MINUTE)
+    with pytest.raises(Conflict):
+        store.record_delivery(other, None, _delivery("rt_d1", other.id))
+    with pytest.raises(NotFound):
+        store.get_run("rt_d1", other.id)
+    # Delivery rows and the debounce pointer are not runs.
+    assert [r.id for r in store.list_runs("rt_d1", None, 50, None).items] == [run.id]
+
+
+def test_record_delivery_replaces_on_the_etag_only(store: Store) -> None:
+    run = _event_run("rt_d2", T0)
+    etag = store.record_delivery(run, None, _delivery("rt_d2", run.id))
+    folded = run.model_copy(update={"coalesced_fires": 1})
+    new_etag = store.record_delivery(folded, etag, _delivery("rt_d2", run.id, "msg_2"))
+    assert store.get_run("rt_d2", run.id) == (folded, new_etag)
+    with pytest.raises(PreconditionFailed):
+        store.record_delivery(folded, etag, _delivery("rt_d2", run.id, "msg_3"))
+    assert store.get_delivery("rt_d2", "msg_3") is None  # nothing half-written
+
+
+def test_the_debounce_pointer_is_created_once_and_moved_on_its_etag(store: Store) -> None:
+    first, second = _event_run("rt_d3", T0), _event_run("rt_d3", T0 + MINUTE)
+    assert store.get_debounce("rt_d3") is None
+    store.record_delivery(first, None, _delivery("rt_d3", first.id, "m1"), DebounceWrite(first.id))
+    pointer = store.get_debounce("rt_d3")
+    assert pointer is not None and pointer[0] == first.id
+    with pytest.raises(PreconditionFailed):  # someone opened a window meanwhile
+        store.record_delivery(second, None, _delivery("rt_d3", second.id, "m2"), DebounceWrite(second.id))
+    with pytest.raises(NotFound):
+        store.get_run("rt_d3", second.id)
+    store.record_delivery(
+        second, None, _delivery("rt_d3", second.id, "m2"), DebounceWrite(second.id, pointer[1])
+    )
+    assert store.get_debounce("rt_d3") is not None and store.get_debounce("rt_d3")[0] == second.id  # type: ignore[index]
+
+
+def test_old_deliveries_are_forgotten(store: Store) -> None:
+    for n, at in enumerate((T0, T0 + MINUTE, T0 + 3 * MINUTE)):
+        run = _event_run("rt_d4", at)
+        store.record_delivery(run, None, _delivery("rt_d4", run.id, f"m{n}", at))
+    assert store.delete_deliveries_before(T0 + 2 * MINUTE) == 2
+    assert [store.get_delivery("rt_d4", f"m{n}") is not None for n in range(3)] == [False, False, True]
+    assert len(store.list_runs("rt_d4", None, 50, None).items) == 3  # runs are the purge's to delete
+
+
+def test_a_run_holding_the_largest_event_round_trips(store: Store) -> None:
+    """256 KiB of body (the delivery limit) plus headers, in the run row with a full run."""
+    body = {f"k{i:05d}": "v" * 40 + "é" for i in range(4600)}
+    assert 256 * 1024 - 10_000 < len(json.dumps(body, ensure_ascii=False).encode()) <= 256 * 1024
+    run = _event_run("rt_d5", T0, body)
+    store.record_delivery(run, None, _delivery("rt_d5", run.id))
+    assert store.get_run("rt_d5", run.id)[0] == run

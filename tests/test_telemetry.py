@@ -385,3 +385,29 @@ def test_install_json_logs_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> Non
     [line] = stream.getvalue().splitlines()
     assert json.loads(line)["message"] == "hello world"
     assert json.loads(line)["routine.id"] == "rt_1"
+
+
+def test_a_webhook_delivery_span_is_the_root_of_its_runs_trace(otel: Otel) -> None:
+    """routines.hook (SERVER) -> routines.dispatch.fire -> routines.agent.start, one trace; the run
+    records that trace id and the delivery span names the run."""
+    from tests.test_webhooks import World
+
+    world = World()
+    rid = world.create()["id"]
+    run_id = world.deliver(rid).body["id"]
+    world.drain()
+    spans = {s.name: s for s in otel.spans.get_finished_spans()}
+    hook, dispatch, start = (
+        spans["routines.hook"],
+        spans["routines.dispatch.fire"],
+        spans["routines.agent.start"],
+    )
+    assert hook.kind is SpanKind.SERVER
+    assert hook.attributes["run.id"] == run_id and hook.attributes["webhook.delivery_id"] == "msg_1"
+    assert hook.attributes["routine.id"] == rid and hook.attributes["webhook.outcome"] == 202
+    assert dispatch.parent is not None and dispatch.parent.span_id == hook.context.span_id
+    assert start.context.trace_id == hook.context.trace_id
+    run = world.store.get_run(rid, run_id)[0]
+    assert run.trace_id == format(hook.context.trace_id, "032x")
+    fires = otel.metric_points()["routines.fires.scheduled"]
+    assert any(p.attributes == {"source": "webhook"} and p.value == 1 for p in fires)

@@ -56,7 +56,7 @@ class Watch:
     routine_id: str
     run_id: str
     scheduled_for: datetime
-    trigger: str  # schedule | timer | manual
+    trigger: str  # schedule | timer | manual | webhook
     version: int  # the routine's schedule version the fire was planned at
     check_at: datetime
 
@@ -70,6 +70,27 @@ class Advance:
     next_fire_at: datetime | None
     completed: bool = False
     watches: tuple[Watch, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A webhook delivery already taken: its id is the fire's identity (``run_id`` is the run it
+    started or was folded into). ``body_sha256`` tells a redelivery from a replayed id with another body."""
+
+    routine_id: str
+    delivery_id: str
+    run_id: str
+    body_sha256: str
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class DebounceWrite:
+    """Point the routine's open debounce window at ``run_id``: ``etag=None`` creates the pointer
+    (fails if one exists), else it is replaced on that etag."""
+
+    run_id: str
+    etag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +188,25 @@ class Store(Protocol):
 
     def delete_runs(self, runs: Sequence[Run]) -> int:
         """Delete runs; returns how many were deleted (already gone ones are not errors)."""
+        ...
+
+    # --- webhook deliveries -------------------------------------------------------------------
+    def get_delivery(self, routine_id: str, delivery_id: str) -> Delivery | None: ...
+
+    def record_delivery(
+        self, run: Run, etag: str | None, delivery: Delivery, debounce: DebounceWrite | None = None
+    ) -> str:
+        """Insert ``run`` (``etag`` None) or replace it on ``etag``, with the delivery row and the
+        debounce pointer, in one transaction; returns the run's etag. Raises ``Conflict`` when the
+        delivery was recorded already, ``PreconditionFailed`` when the run or the pointer changed."""
+        ...
+
+    def get_debounce(self, routine_id: str) -> tuple[str, str] | None:
+        """The run id the routine's debounce pointer names, and the pointer's etag."""
+        ...
+
+    def delete_deliveries_before(self, cutoff: datetime) -> int:
+        """Forget deliveries received before ``cutoff`` (the purge); returns how many."""
         ...
 
     # --- watches (the repair pass's index of runs not yet terminal) -----------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ from typing import Any
 
 from routines.errors import ValidationError
 from routines.models import Routine, Run
-from routines.store.base import DueEntry, Page, Watch
+from routines.store.base import DebounceWrite, Delivery, DueEntry, Page, Watch
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,9 @@ WATCH_END = "watch;"  # the character after ":": the end of the watch range
 RUN_PREFIX = "run_"
 RUN_END = "run`"  # the character after "_": the end of the run-id range
 SLOT_RK = "slot"
+DEBOUNCE_RK = "debounce"  # a webhook routine's open debounce window: the run that will take the burst
+DELIVERY_PREFIX = "delivery:"  # a webhook delivery taken (its id hashed: ids may hold any character)
+DELIVERY_END = "delivery;"
 # A table string property holds at most 64 KiB of UTF-16. A code point takes up to 4 bytes of UTF-16
 # (emoji and other astral characters are surrogate pairs), so 15,000 code points always fit.
 CHUNK = 15_000
@@ -279,6 +283,44 @@ def advance_ops(
     if next_fire_at is not None:
         ops.append(("insert", moved_due_row(entry, next_fire_at), None))
     return ops + watch_ops(watches)
+
+
+def delivery_rk(delivery_id: str) -> str:
+    return DELIVERY_PREFIX + hashlib.sha256(delivery_id.encode()).hexdigest()[:40]
+
+
+def delivery_row(delivery: Delivery) -> dict[str, Any]:
+    return {
+        "PartitionKey": delivery.routine_id,
+        "RowKey": delivery_rk(delivery.delivery_id),
+        "DeliveryId": delivery.delivery_id,
+        "RunId": delivery.run_id,
+        "BodySha256": delivery.body_sha256,
+        "ReceivedAt": iso(delivery.received_at),
+    }
+
+
+def delivery_from_row(row: dict[str, Any]) -> Delivery:
+    return Delivery(
+        routine_id=str(row["PartitionKey"]),
+        delivery_id=str(row["DeliveryId"]),
+        run_id=str(row["RunId"]),
+        body_sha256=str(row["BodySha256"]),
+        received_at=datetime.fromisoformat(str(row["ReceivedAt"])),
+    )
+
+
+def record_delivery_ops(
+    run: Run, etag: str | None, delivery: Delivery, debounce: DebounceWrite | None
+) -> list[Op]:
+    """The run (inserted or replaced), the delivery (inserted: a second one with the same id fails
+    the whole transaction) and the debounce pointer, all in the run's partition."""
+    ops: list[Op] = [("insert" if etag is None else "replace", run_row(run), etag)]
+    ops.append(("insert", delivery_row(delivery), None))
+    if debounce is not None:
+        pointer = {"PartitionKey": run.routine_id, "RowKey": DEBOUNCE_RK, "RunId": debounce.run_id}
+        ops.append(("insert" if debounce.etag is None else "replace", pointer, debounce.etag))
+    return ops
 
 
 def slot_op(routine_id: str, holder: str | None, buffered: str | None, etag: str | None) -> Op:

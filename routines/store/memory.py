@@ -127,6 +127,19 @@ class MemoryStore(PlanStore):
             self.requests += 1
             return sum(self._runs.pop((r.routine_id, r.id), None) is not None for r in runs)
 
+    def delete_deliveries_before(self, cutoff: datetime) -> int:
+        bound = codec.iso(cutoff)
+        with self._lock:
+            self.requests += 1
+            old = [
+                key
+                for key, (row, _) in self._runs.items()
+                if key[1].startswith(codec.DELIVERY_PREFIX) and row["ReceivedAt"] < bound
+            ]
+            for key in old:
+                del self._runs[key]
+        return len(old)
+
     def watched(self, before: datetime, limit: int) -> list[Watch]:
         bound = codec.iso(before)
         rows = self._range(self._routines, codec.ROUTINE_PK, codec.WATCH_PREFIX, codec.WATCH_END)

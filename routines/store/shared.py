@@ -15,7 +15,7 @@ from typing import Any, Literal
 from routines.errors import Conflict, NotFound, PreconditionFailed
 from routines.models import Routine, Run
 from routines.store import codec
-from routines.store.base import Slot, SlotTaken, SlotWrite, Watch
+from routines.store.base import DebounceWrite, Delivery, Slot, SlotTaken, SlotWrite, Watch
 
 TableName = Literal["routines", "runs"]
 _LOST = (Conflict, NotFound, PreconditionFailed)
@@ -116,6 +116,26 @@ class PlanStore:
         if not found:
             return None
         return Slot(holder=found[0]["Holder"], buffered=found[0]["Buffered"] or None, etag=found[1])
+
+    # --- webhook deliveries -----------------------------------------------------------------
+    def get_delivery(self, routine_id: str, delivery_id: str) -> Delivery | None:
+        found = self._read("runs", routine_id, codec.delivery_rk(delivery_id), f"delivery {delivery_id}")
+        return codec.delivery_from_row(found[0]) if found else None
+
+    def record_delivery(
+        self, run: Run, etag: str | None, delivery: Delivery, debounce: DebounceWrite | None = None
+    ) -> str:
+        ops = codec.record_delivery_ops(run, etag, delivery, debounce)
+        try:
+            return self._write("runs", ops, f"run {run.id}")[0]
+        except _LOST as exc:
+            if exc.op == 1:
+                raise Conflict(f"delivery {delivery.delivery_id!r} was taken already") from None
+            raise PreconditionFailed(f"run {run.id!r} or the debounce window changed") from None
+
+    def get_debounce(self, routine_id: str) -> tuple[str, str] | None:
+        found = self._read("runs", routine_id, codec.DEBOUNCE_RK, f"debounce of {routine_id}")
+        return (str(found[0]["RunId"]), found[1]) if found else None
 
     # --- watches ----------------------------------------------------------------------------
     def watch(self, watches: Sequence[Watch]) -> None:

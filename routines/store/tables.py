@@ -326,6 +326,21 @@ class TableStore(PlanStore):
                     break
         return deleted
 
+    def delete_deliveries_before(self, cutoff: datetime) -> int:
+        rows = self._query(
+            self._runs,
+            "ReceivedAt lt @cutoff and RowKey ge @lo and RowKey lt @hi",
+            {"cutoff": codec.iso(cutoff), "lo": codec.DELIVERY_PREFIX, "hi": codec.DELIVERY_END},
+        )
+        deleted = 0
+        for row, etag in list(rows):
+            try:
+                self._execute(self._runs, [("delete", row, etag)], "old delivery")
+                deleted += 1
+            except (NotFound, PreconditionFailed):
+                pass  # gone already, or written again since
+        return deleted
+
     # --- coordination -----------------------------------------------------------------------
     def ping(self) -> None:
         try:
