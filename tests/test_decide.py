@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from routines import decide
+from routines import decide, graph
 from routines.agents.base import AgentError, AgentOutcome
 from routines.decide import (
     LEASE,
@@ -39,6 +39,8 @@ from routines.models import (
     RunStatus,
     RunTrigger,
     ScheduleTrigger,
+    StepProgress,
+    StepStatus,
     TimerTrigger,
     idempotency_key,
     manual_run_id,
@@ -80,8 +82,25 @@ def message(kind: str = "fire", attempt: int = 1, run_id: str = RUN_ID, version:
     )
 
 
+STEP_FIELDS = set(StepProgress.model_fields)
+
+
 def run(status: RunStatus = RunStatus.running, attempt: int = 1, **progress: Any) -> Run:
+    """A run of ``status`` whose first step is where the run is: its step-level bookkeeping (lease,
+    poll handle, deadlines) given as keywords like the run-level ones."""
     plan = progress.pop("plan", RunPlan.of(routine()))
+    step_fields = {k: progress.pop(k) for k in list(progress) if k in STEP_FIELDS}
+    next_attempt_at = progress.pop("next_attempt_at", None)
+    ids = graph.step_ids(plan.actions) if plan else []
+    actions = [ActionResult(index=i, id=step) for i, step in enumerate(ids)]
+    if actions and status is not RunStatus.queued:
+        first = actions[0]
+        first.attempt, first.started_at = attempt, FIRE
+        first.status = {
+            RunStatus.running: StepStatus.running,
+            RunStatus.retrying: StepStatus.pending,
+        }.get(status, StepStatus.succeeded)
+        first.next_attempt_at = next_attempt_at if status is RunStatus.retrying else None
     return Run(
         id=progress.pop("id", RUN_ID),
         routine_id=RID,
@@ -91,10 +110,15 @@ def run(status: RunStatus = RunStatus.running, attempt: int = 1, **progress: Any
         attempt=attempt,
         max_attempts=4,
         started_at=FIRE if status is not RunStatus.queued else None,
-        next_attempt_at=progress.pop("next_attempt_at", None),
+        next_attempt_at=next_attempt_at,
         idempotency_key=idempotency_key(RID, FIRE),
-        actions=[ActionResult(index=i) for i in range(len(plan.actions) if plan else 0)],
-        progress=RunProgress(plan=plan, routine_version=1, **progress),
+        actions=actions,
+        progress=RunProgress(
+            plan=plan,
+            routine_version=1,
+            steps={ids[0]: StepProgress(**step_fields)} if ids and step_fields else {},
+            **progress,
+        ),
     )
 
 
@@ -150,9 +174,10 @@ def test_a_fresh_fire_inserts_its_run_claimed_with_the_slot_and_starts_the_agent
     assert isinstance(step, Write)
     assert step.etag is None, "insert: the run is new"
     assert step.slot == SlotWrite(holder=RUN_ID)
-    assert step.effects == (StartAgent(0),)
+    assert step.effects == (StartAgent("step1"),)
     r = step.run
-    assert (r.status, r.attempt, r.progress.lease_owner, r.progress.lease_until) == (
+    sp = r.progress.steps["step1"]
+    assert (r.status, r.attempt, sp.lease_owner, sp.lease_until) == (
         RunStatus.running,
         1,
         OWNER,
@@ -176,7 +201,7 @@ def test_a_timer_fire_completes_its_timer_with_the_at_it_fired() -> None:
     timer = routine(trigger=TimerTrigger(type="timer", at=FIRE))
     step = decide.next_step(facts(routine=timer))
     assert isinstance(step, Write)
-    assert step.effects == (CompleteTimer(RID, FIRE), StartAgent(0))
+    assert step.effects == (CompleteTimer(RID, FIRE), StartAgent("step1"))
 
 
 # --- an existing run ----------------------------------------------------------------------------
@@ -195,14 +220,15 @@ def test_a_lapsed_lease_is_taken_over_with_the_same_attempt() -> None:
     r = run(lease_owner="other", lease_until=after(20))
     step = existing(message(), r, now=after(21))
     assert isinstance(step, Write) and step.etag == "e1"
-    assert (step.run.attempt, step.run.progress.lease_owner) == (1, OWNER)
-    assert step.effects == (StartAgent(0),)
+    assert (step.run.attempt, step.run.progress.steps["step1"].lease_owner) == (1, OWNER)
+    assert step.effects == (StartAgent("step1"),)
 
 
 def test_a_start_message_of_a_polled_run_resends_its_first_poll() -> None:
     step = existing(message(), run(poll={"h": 1}))
     assert step == Done(
-        (Send(decide.message_for(run(), "poll"), decide.MIN_POLL_SECONDS),), "started; its polls drive it"
+        (Send(decide.step_message(run(), "step1", "poll"), decide.MIN_POLL_SECONDS),),
+        "started; its polls drive it",
     )
 
 
@@ -224,7 +250,7 @@ def test_retrying(m: DispatchMessage, now: datetime, expected_kind: str) -> None
     r = run(RunStatus.retrying, 1, next_attempt_at=after(60))
     step = existing(m, r, now)
     if expected_kind == "resend":
-        assert step == Done((Send(decide.retry_message(r), 55.0),), "resent the retry")
+        assert step == Done((Send(decide.step_message(r, "step1", "retry", 2), 55.0),), "resent the retry")
     elif expected_kind == "requeue":
         assert step == Done((Send(m, 55.0),), "too early for the retry")
     elif expected_kind == "wait":
@@ -232,7 +258,7 @@ def test_retrying(m: DispatchMessage, now: datetime, expected_kind: str) -> None
     elif expected_kind == "claim":
         assert isinstance(step, Write) and (step.run.status, step.run.attempt) == (RunStatus.running, 2)
     else:
-        assert step == Done((), "not this run's next attempt")
+        assert step == Done((), "not this step's next attempt")
 
 
 def test_a_retry_of_a_routine_disabled_since_ends_cancelled() -> None:
@@ -328,7 +354,7 @@ def test_a_slot_whose_holder_is_not_active_is_taken_over(holder: Run | None) -> 
     step = overlap(OverlapPolicy.skip, holder)
     assert isinstance(step, Write) and step.run.status is RunStatus.running
     assert step.slot == SlotWrite(holder=RUN_ID, buffered=None, etag="s1")
-    assert step.effects == (StartAgent(0),)
+    assert step.effects == (StartAgent("step1"),)
 
 
 # --- after the agent answered -------------------------------------------------------------------
@@ -344,7 +370,16 @@ def answered(
         lease_owner=OWNER, lease_until=after(45), holds_slot=True, slot_etag="s1", attempt_started_at=FIRE
     )
     return decide.next_step(
-        facts(routine=routine(), run=r, etag="e2", now=now, called=0, outcome=outcome, **more)
+        facts(
+            routine=routine(),
+            run=r,
+            etag="e2",
+            now=now,
+            called="step1",
+            called_attempt=1,
+            outcome=outcome,
+            **more,
+        )
     )
 
 
@@ -371,7 +406,15 @@ def test_the_run_finishes_with_its_snapshot_even_after_an_edit() -> None:
     edited = routine(actions=[InvocationAction(type="invocation", agent_id="a", input="x")] * 2, version=2)
     r = run(lease_owner=OWNER, lease_until=after(45), attempt_started_at=FIRE)
     step = decide.next_step(
-        facts(routine=edited, run=r, etag="e2", now=after(1), called=0, outcome=AgentOutcome(done=True))
+        facts(
+            routine=edited,
+            run=r,
+            etag="e2",
+            now=after(1),
+            called="step1",
+            called_attempt=1,
+            outcome=AgentOutcome(done=True),
+        )
     )
     assert isinstance(step, Write) and step.run.status is RunStatus.succeeded
 
@@ -381,15 +424,15 @@ def test_done_with_more_actions_saves_progress_and_starts_the_next_with_a_fresh_
     r = run(plan=two, lease_owner=OWNER, lease_until=after(45), attempt_started_at=FIRE)
     step = answered(AgentOutcome(done=True, output="one"), r, now=after(20))
     assert isinstance(step, Write) and step.run.status is RunStatus.running
-    assert step.run.progress.action_index == 1
-    assert step.run.progress.lease_until == after(20) + LEASE
-    assert step.effects == (StartAgent(1),)
+    assert [a.status for a in step.run.actions] == [StepStatus.succeeded, StepStatus.running]
+    assert step.run.progress.steps["step2"].lease_until == after(20) + LEASE
+    assert step.effects == (StartAgent("step2"),)
 
 
 def test_pending_after_start_records_the_handle_and_sends_a_poll() -> None:
     step = answered(AgentOutcome(done=False, handle={"id": "h"}, poll_after=5))
     assert isinstance(step, Write)
-    p = step.run.progress
+    p = step.run.progress.steps["step1"]
     assert (p.poll, p.lease_owner, p.polled_at) == ({"id": "h"}, None, after(1))
     assert p.poll_deadline == FIRE + timedelta(seconds=600)
     [send] = step.effects
@@ -400,7 +443,16 @@ def test_pending_again_between_heartbeats_only_resends_the_poll() -> None:
     r = run(poll={"id": "h"}, polled_at=after(1), poll_deadline=after(600), attempt_started_at=FIRE)
     poll = message("poll")
     step = decide.next_step(
-        facts(poll, after(10), routine=routine(), run=r, etag="e", called=0, outcome=AgentOutcome(done=False))
+        facts(
+            poll,
+            after(10),
+            routine=routine(),
+            run=r,
+            etag="e",
+            called="step1",
+            called_attempt=1,
+            outcome=AgentOutcome(done=False),
+        )
     )
     assert step == Done((Send(poll, 2.5),), "still pending")
 
@@ -414,18 +466,19 @@ def test_pending_past_the_heartbeat_writes_the_run() -> None:
             routine=routine(),
             run=r,
             etag="e",
-            called=0,
+            called="step1",
+            called_attempt=1,
             outcome=AgentOutcome(done=False),
         )
     )
-    assert isinstance(step, Write) and step.run.progress.polled_at == after(40)
+    assert isinstance(step, Write) and step.run.progress.steps["step1"].polled_at == after(40)
 
 
 def test_a_retriable_error_schedules_the_next_attempt() -> None:
     step = answered(AgentError("503", retriable=True))
     assert isinstance(step, Write) and step.run.status is RunStatus.retrying
     assert step.run.next_attempt_at == after(61)
-    assert Send(decide.retry_message(step.run), 60.0) in step.effects
+    assert Send(decide.step_message(step.run, "step1", "retry", 2), 60.0) in step.effects
 
 
 def test_a_client_error_fails_the_run() -> None:
@@ -466,13 +519,13 @@ POLLED = run(poll={"id": "h"}, polled_at=FIRE, poll_deadline=after(600), attempt
 
 
 def test_a_poll_polls_the_agent() -> None:
-    assert polled(POLLED, after(5), routine()) == Done((PollAgent(0),), "poll the agent")
+    assert polled(POLLED, after(5), routine()) == Done((PollAgent("step1"),), "poll the agent")
 
 
 def test_a_poll_past_the_deadline_cancels_and_fails_the_attempt() -> None:
     step = polled(POLLED, after(600), routine())
     assert isinstance(step, Write) and step.run.status is RunStatus.retrying
-    assert step.effects[0] == CancelAgent(POLLED)
+    assert step.effects[0] == CancelAgent(POLLED, "step1")
 
 
 @pytest.mark.parametrize(
@@ -490,7 +543,7 @@ def test_delete_and_disable_cancel_the_agent_run_in_flight(current: Routine | No
     step = polled(POLLED, after(5), current)
     assert isinstance(step, Write)
     assert (step.run.status, step.run.error_message) == (RunStatus.cancelled, reason)
-    assert step.effects[0] == CancelAgent(POLLED)
+    assert step.effects[0] == CancelAgent(POLLED, "step1")
 
 
 def test_a_stale_poll_does_nothing() -> None:
@@ -532,7 +585,7 @@ AFTER = timedelta(seconds=90)
         pytest.param(
             run(lease_until=after(45)),
             after(60),
-            "fire",
+            "retry",
             after(60) + decide.FIRST_CHECK,
             id="lapsed_lease_taken_over",
         ),
@@ -578,13 +631,13 @@ AFTER = timedelta(seconds=90)
 )
 def test_repair(r: Run | None, now: datetime, send_kind: str | None, check_at: datetime | None) -> None:
     decision = decide.repair(r, FIRE_MSG, now, AFTER)
-    assert (decision.send.kind if decision.send else None) == send_kind, decision.why
+    assert [m.kind for m in decision.sends] == ([send_kind] if send_kind else []), decision.why
     assert decision.check_at == check_at
 
 
 def test_repair_drops_the_watch_of_a_manual_run_never_written() -> None:
     decision = decide.repair(None, message(run_id=manual_run_id(FIRE)), after(60), AFTER)
-    assert (decision.send, decision.check_at) == (None, None)
+    assert (decision.sends, decision.check_at) == ((), None)
 
 
 def test_next_step_is_pure() -> None:
