@@ -25,9 +25,11 @@ from routines.decide import (
     Wait,
     Write,
 )
+from routines.errors import Conflict, NotFound
 from routines.messages import DispatchMessage
 from routines.models import (
     ActionResult,
+    ApprovalStep,
     InvocationAction,
     OverlapPolicy,
     RetryPolicy,
@@ -643,3 +645,309 @@ def test_repair_drops_the_watch_of_a_manual_run_never_written() -> None:
 def test_next_step_is_pure() -> None:
     given = facts(routine=routine())
     assert decide.next_step(given) == decide.next_step(dataclasses.replace(given))
+
+
+# --- steps: readiness, conditions, approvals, run status ----------------------------------------
+
+
+def _inv(step: str, **more: Any) -> InvocationAction:
+    return InvocationAction.model_validate(
+        {"type": "invocation", "agent_id": step, "input": "x", "id": step, **more}
+    )
+
+
+GRAPH = routine(
+    actions=[
+        _inv("a"),
+        _inv("b", after=["a"]),
+        _inv("c", after=["a"]),
+        _inv("d", after=["b", "c"]),
+        _inv("page", after=["a"], when={"step": "a", "path": "severity", "op": "eq", "value": "high"}),
+        _inv("fix", after=["b"], when={"step": "b", "status": "failed"}),
+    ]
+)
+GATE = routine(actions=[_inv("a"), ApprovalStep(type="approval", id="ok", timeout_seconds=600), _inv("send")])
+
+
+def graph_run(current: Routine, done: dict[str, StepStatus], outputs: dict[str, str] | None = None) -> Run:
+    """A claimed run of ``current`` whose steps in ``done`` have ended; the others are pending."""
+    plan = RunPlan.of(current)
+    r = run(plan=plan)
+    r.actions = [ActionResult(index=i, id=s) for i, s in enumerate(graph.step_ids(plan.actions))]
+    for result in r.actions:
+        if result.id in done:
+            result.status, result.attempt = done[result.id], 1
+            result.output = (outputs or {}).get(result.id)
+    r.progress.steps = {}
+    return r
+
+
+def test_a_claim_starts_the_first_step_and_nothing_that_waits_for_it() -> None:
+    step = decide.next_step(facts(routine=GRAPH))
+    assert isinstance(step, Write) and step.effects == (StartAgent("a"),)
+    assert {a.id: a.status.value for a in step.run.actions} == {
+        "a": "running",
+        "b": "pending",
+        "c": "pending",
+        "d": "pending",
+        "page": "pending",
+        "fix": "pending",
+    }
+
+
+def test_steps_that_start_with_the_run_start_together() -> None:
+    together = routine(actions=[_inv("x", after=[]), _inv("y", after=[]), _inv("z", after=[])])
+    step = decide.next_step(facts(routine=together))
+    assert isinstance(step, Write)
+    sends = [e for e in step.effects if isinstance(e, Send)]
+    assert [(s.message.kind, s.message.step, s.message.attempt, s.delay) for s in sends] == [
+        ("retry", "y", 1, 0.0),
+        ("retry", "z", 1, 0.0),
+    ]
+    assert step.effects[-1] == StartAgent("x"), "the worker takes one itself, after sending the others"
+
+
+def _finished(current: Routine, r: Run, step_id: str, outcome: AgentOutcome | AgentError) -> Any:
+    leased = r.model_copy(deep=True)
+    res = decide.result(leased, step_id)
+    res.status, res.attempt = StepStatus.running, 1
+    leased.progress.steps[step_id] = StepProgress(
+        lease_owner=OWNER, lease_until=after(45), attempt_started_at=FIRE
+    )
+    return decide.next_step(
+        facts(
+            routine=current,
+            run=leased,
+            etag="e",
+            now=after(1),
+            called=step_id,
+            called_attempt=1,
+            outcome=outcome,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("output", "started", "messages", "skipped"),
+    [
+        pytest.param('{"severity": "high"}', "b", ["c", "page"], [], id="high_pages"),
+        pytest.param('{"severity": "low"}', "b", ["c"], ["page"], id="low_skips_the_page"),
+        pytest.param("not json", "b", ["c"], ["page"], id="text_output_fails_a_path_condition"),
+    ],
+)
+def test_when_a_step_succeeds_its_ready_dependents_are_decided_at_once(
+    output: str, started: str, messages: list[str], skipped: list[str]
+) -> None:
+    step = _finished(GRAPH, graph_run(GRAPH, {}), "a", AgentOutcome(done=True, output=output))
+    assert isinstance(step, Write)
+    assert step.effects[-1] == StartAgent(started)
+    assert [e.message.step for e in step.effects if isinstance(e, Send)] == messages
+    assert [a.id for a in step.run.actions if a.status is StepStatus.skipped] == skipped
+    assert step.run.status is RunStatus.running
+
+
+def test_a_step_waits_for_all_its_dependencies() -> None:
+    r = graph_run(GRAPH, {"a": StepStatus.succeeded}, {"a": "{}"})
+    r.progress.steps["c"] = StepProgress(lease_owner="other", lease_until=after(40))
+    decide.result(r, "c").status = StepStatus.running
+    decide.result(r, "page").status = StepStatus.skipped
+    step = _finished(GRAPH, r, "b", AgentOutcome(done=True, output="b"))
+    assert isinstance(step, Write) and not any(isinstance(e, StartAgent | Send) for e in step.effects)
+    assert decide.result(step.run, "d").status is StepStatus.pending, "c is still running"
+    assert decide.result(step.run, "fix").status is StepStatus.skipped, "its when (b failed) is false"
+
+
+def test_a_failed_step_skips_its_dependents_and_runs_its_handler() -> None:
+    r = graph_run(GRAPH, {"a": StepStatus.succeeded, "c": StepStatus.succeeded, "page": StepStatus.skipped})
+    step = _finished(GRAPH, r, "b", AgentError("400", retriable=False))
+    assert isinstance(step, Write)
+    assert decide.result(step.run, "b").status is StepStatus.failed
+    assert decide.result(step.run, "d").status is StepStatus.skipped
+    assert step.effects[-1] == StartAgent("fix")
+
+
+@pytest.mark.parametrize(
+    ("fix", "status"),
+    [
+        pytest.param(StepStatus.succeeded, RunStatus.succeeded, id="handled_failure_succeeds"),
+        pytest.param(StepStatus.failed, RunStatus.failed, id="failed_handler_fails"),
+    ],
+)
+def test_the_run_status_when_every_step_is_done(fix: StepStatus, status: RunStatus) -> None:
+    done = {
+        "a": StepStatus.succeeded,
+        "b": StepStatus.failed,
+        "c": StepStatus.succeeded,
+        "d": StepStatus.skipped,
+        "page": StepStatus.skipped,
+    }
+    r = graph_run(GRAPH, done)
+    decide.result(r, "b").error_message = "attempt 1: 400"
+    step = _finished(
+        GRAPH,
+        r,
+        "fix",
+        AgentOutcome(done=True) if fix is StepStatus.succeeded else AgentError("x", retriable=False),
+    )
+    assert isinstance(step, Write) and step.run.status is status
+    if status is RunStatus.failed:
+        assert step.run.error_message == "step fix: attempt 1: x"
+
+
+def test_a_retry_of_one_step_leaves_the_others_running() -> None:
+    r = graph_run(GRAPH, {"a": StepStatus.succeeded})
+    decide.result(r, "c").status = StepStatus.running
+    r.progress.steps["c"] = StepProgress(lease_owner="other", lease_until=after(40))
+    step = _finished(GRAPH, r, "b", AgentError("503", retriable=True))
+    assert isinstance(step, Write)
+    b = decide.result(step.run, "b")
+    assert (b.status, b.attempt, b.next_attempt_at) == (StepStatus.pending, 1, after(61))
+    assert step.run.status is RunStatus.running, "c still runs"
+    [send] = [e for e in step.effects if isinstance(e, Send)]
+    assert (send.message.kind, send.message.step, send.message.attempt, send.delay) == ("retry", "b", 2, 60.0)
+
+
+def test_an_answer_for_a_step_decided_elsewhere_is_dropped() -> None:
+    r = graph_run(GRAPH, {"a": StepStatus.succeeded, "b": StepStatus.succeeded})
+    step = decide.next_step(
+        facts(routine=GRAPH, run=r, etag="e", called="b", called_attempt=1, outcome=AgentOutcome(done=True))
+    )
+    assert step == Done((), "the step was decided elsewhere")
+
+
+def test_an_approval_holds_the_run_waiting_with_its_timeout_queued() -> None:
+    step = _finished(GATE, graph_run(GATE, {}), "a", AgentOutcome(done=True, output="draft"))
+    assert isinstance(step, Write) and step.run.status is RunStatus.waiting
+    ok = decide.result(step.run, "ok")
+    assert (ok.status, ok.started_at) == (StepStatus.waiting, after(1))
+    assert step.run.progress.steps["ok"].decide_by == after(601)
+    [send] = step.effects
+    assert isinstance(send, Send) and (send.message.kind, send.message.step, send.delay) == (
+        "poll",
+        "ok",
+        600,
+    )
+
+
+def _waiting_gate() -> Run:
+    r = graph_run(GATE, {"a": StepStatus.succeeded})
+    ok = decide.result(r, "ok")
+    ok.status, ok.attempt = StepStatus.waiting, 1
+    r.progress.steps["ok"] = StepProgress(decide_by=after(600))
+    r.status = RunStatus.waiting
+    return r
+
+
+def test_an_approval_decided_through_the_api_is_moved_on_by_its_poll() -> None:
+    decided = decide.decide_approval(_waiting_gate(), "ok", True, "fine", after(30))
+    ok = decide.result(decided, "ok")
+    assert (ok.status, ok.comment, ok.decided_at) == (StepStatus.succeeded, "fine", after(30))
+    m = decide.step_message(decided, "ok", "poll")
+    step = decide.next_step(facts(m, after(31), routine=GATE, run=decided, etag="e"))
+    assert isinstance(step, Write)
+    assert [e.message.step for e in step.effects if isinstance(e, Send)] == ["send"]
+
+
+@pytest.mark.parametrize(
+    ("verdict", "status", "error"),
+    [
+        pytest.param(False, StepStatus.failed, "rejected: no", id="reject"),
+        pytest.param(True, StepStatus.succeeded, None, id="approve"),
+    ],
+)
+def test_decide_approval(verdict: bool, status: StepStatus, error: str | None) -> None:
+    decided = decide.decide_approval(_waiting_gate(), "ok", verdict, "no" if not verdict else None, after(5))
+    ok = decide.result(decided, "ok")
+    assert (ok.status, ok.error_message, ok.ended_at) == (status, error, after(5))
+
+
+@pytest.mark.parametrize(
+    ("step_id", "error"),
+    [pytest.param("nope", NotFound, id="unknown_step"), pytest.param("a", Conflict, id="not_an_approval")],
+)
+def test_decide_approval_refuses(step_id: str, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        decide.decide_approval(_waiting_gate(), step_id, True, None, after(5))
+    decided = decide.decide_approval(_waiting_gate(), "ok", True, None, after(5))
+    with pytest.raises(Conflict):
+        decide.decide_approval(decided, "ok", False, None, after(6))
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        pytest.param(after(300), "requeue", id="early_poll_comes_back"),
+        pytest.param(after(599), "wait", id="a_moment_early_waits"),
+        pytest.param(after(600), "timeout", id="timeout_rejects"),
+    ],
+)
+def test_an_approvals_timeout(now: datetime, expected: str) -> None:
+    r = _waiting_gate()
+    m = decide.step_message(r, "ok", "poll")
+    step = decide.next_step(facts(m, now, routine=GATE, run=r, etag="e"))
+    if expected == "requeue":
+        assert step == Done((Send(m, 300.0),), "not due yet")
+    elif expected == "wait":
+        assert step == Wait(1.0)
+    else:
+        assert isinstance(step, Write) and step.run.status is RunStatus.failed
+        ok = decide.result(step.run, "ok")
+        assert (ok.status, ok.decided_at) == (StepStatus.failed, now)
+        assert decide.result(step.run, "send").status is StepStatus.skipped
+
+
+@pytest.mark.parametrize(
+    ("shape", "status"),
+    [
+        pytest.param({"a": "running", "b": "waiting"}, RunStatus.running, id="running_beats_waiting"),
+        pytest.param({"a": "succeeded", "b": "waiting"}, RunStatus.waiting, id="only_an_approval_left"),
+        pytest.param({"a": "retry", "b": "waiting"}, RunStatus.waiting, id="waiting_and_a_retry"),
+        pytest.param({"a": "retry", "b": "succeeded"}, RunStatus.retrying, id="only_a_retry_left"),
+        pytest.param({"a": "sent", "b": "succeeded"}, RunStatus.running, id="a_start_in_flight"),
+    ],
+)
+def test_the_status_of_a_run_that_is_going(shape: dict[str, str], status: RunStatus) -> None:
+    r = graph_run(routine(actions=[_inv("a", after=[]), _inv("b", after=[])]), {})
+    for step_id, state in shape.items():
+        res = decide.result(r, step_id)
+        if state == "retry":
+            res.status, res.attempt, res.next_attempt_at = StepStatus.pending, 1, after(60)
+        elif state == "sent":
+            r.progress.steps[step_id] = StepProgress(sent_at=FIRE)
+        else:
+            res.status = StepStatus(state)
+    decide._set_status(r)
+    assert r.status is status
+    assert r.next_attempt_at == (after(60) if "retry" in shape.values() else None)
+
+
+@pytest.mark.parametrize(
+    ("state", "sends", "check_at"),
+    [
+        pytest.param("sent_lately", [], after(10) + AFTER, id="start_in_flight_left_alone"),
+        pytest.param("sent_long_ago", [("retry", "b", 1)], after(200) + AFTER, id="lost_start_resent"),
+        pytest.param("waiting", [], after(10) + AFTER, id="approval_waits_and_b_is_in_flight"),
+        pytest.param("approved", [("retry", None, 1)], after(200) + AFTER, id="lost_decision_nudged"),
+    ],
+)
+def test_repair_of_steps(state: str, sends: list[tuple[str, str | None, int]], check_at: datetime) -> None:
+    r = graph_run(
+        routine(
+            actions=[_inv("a"), _inv("b", after=[]), ApprovalStep(type="approval", id="ok", after=["a"])]
+        ),
+        {"a": StepStatus.succeeded},
+    )
+    decide.result(r, "a").ended_at = after(10)
+    ok = decide.result(r, "ok")
+    now = after(200) if state in ("sent_long_ago", "approved") else after(60)
+    r.progress.steps["b"] = StepProgress(sent_at=after(10) if state != "sent_long_ago" else after(0))
+    if state == "approved":
+        decide.result(r, "b").status = StepStatus.succeeded
+        r.progress.steps.pop("b")
+        ok.status, ok.ended_at = StepStatus.succeeded, after(10)
+    else:
+        ok.status, ok.attempt = StepStatus.waiting, 1
+        r.progress.steps["ok"] = StepProgress(decide_by=after(600))
+    decision = decide.repair(r, FIRE_MSG, now, AFTER)
+    assert [(m.kind, m.step, m.attempt) for m in decision.sends] == sends, decision.why
+    assert decision.check_at == check_at
