@@ -1225,6 +1225,8 @@ def test_openapi_covers_every_route_and_the_main_schemas() -> None:
         ("post", "/api/routines/{id}/dispatch"), ("get", "/api/routines/{id}/runs"),
         ("get", "/api/routines/{id}/runs/{run_id}"), ("post", "/api/preview"), ("get", "/api/health"),
         ("get", "/api/openapi.json"),
+        ("post", "/api/routines/{id}/runs/{run_id}/steps/{step_id}/approve"),
+        ("post", "/api/routines/{id}/runs/{run_id}/steps/{step_id}/reject"),
     }  # fmt: skip
     documented = {(m, p) for p, ops in document["paths"].items() for m in ops if m != "parameters"}
     assert documented == routes
