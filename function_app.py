@@ -101,6 +101,16 @@ def hook(req: func.HttpRequest) -> func.HttpResponse:
     return _serve(lambda api: api.receive_hook, req)
 
 
+@app.route(route="routines/{id}/runs/{run_id}/steps/{step_id}/approve", methods=["POST"])
+def step_approve(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve(lambda api: api.approve_step, req)
+
+
+@app.route(route="routines/{id}/runs/{run_id}/steps/{step_id}/reject", methods=["POST"])
+def step_reject(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve(lambda api: api.reject_step, req)
+
+
 @app.route(route="preview", methods=["POST"])
 def preview(req: func.HttpRequest) -> func.HttpResponse:
     return _serve(lambda api: api.preview, req)

@@ -133,6 +133,12 @@ class DispatchRequest(Model):
     input: str | dict[str, Any] | None = None
 
 
+class DecisionRequest(Model):
+    """The optional body of an approve or reject."""
+
+    comment: str | None = pydantic.Field(default=None, max_length=2000)
+
+
 class Api:
     def __init__(
         self, store: Store, queue: DispatchQueue, settings: Settings, clock: Callable[[], datetime] = now_utc
@@ -319,6 +325,24 @@ class Api:
             return Response(outcome.status, {"id": outcome.run_id})
         location = {"Location": f"/api/routines/{run.routine_id}/runs/{run.id}"}
         return Response(outcome.status, run.public(), location)
+
+    def approve_step(self, request: Request) -> Response:
+        return self._decide_step(request, approved=True)
+
+    def reject_step(self, request: Request) -> Response:
+        return self._decide_step(request, approved=False)
+
+    def _decide_step(self, request: Request, *, approved: bool) -> Response:
+        params = request.route_params
+        body = self._json_body(request, optional=True)
+        try:
+            decision = DecisionRequest.model_validate(self._object(body) if body is not None else {})
+        except pydantic.ValidationError as exc:
+            raise _invalid(exc) from None
+        run = self.service.decide_step(
+            params["id"], params["run_id"], params["step_id"], approved, decision.comment
+        )
+        return Response(200, run.public())
 
     # --- misc -------------------------------------------------------------------------------
     def preview(self, request: Request) -> Response:

@@ -6,16 +6,26 @@ what to do next: load something it needs (``Load``), wait out an early arrival (
 run (``Write``, then its effects), or stop (``Done``, with effects). ``routines.dispatcher`` is the
 thin interpreter that performs these against the store, the queue and the agent backend.
 
+A run executes a graph of steps (SPEC 11; a version-1 list of actions is a chain). The run is
+claimed once (the overlap slot, the snapshot); then each step attempt is claimed on its own. Whenever
+a step ends, the steps whose dependencies are all done are decided together (``_advance``): skipped
+(a ``when`` that does not hold, a failed dependency nobody handles), ``waiting`` (an approval), or
+started: the worker starts one of them itself and sends one message per other one, so parallel
+steps start together and no worker waits on another step.
+
 Invariants (docs/guarantees.md):
 - One fire = one run: the run id is derived from (routine id, scheduled time) and inserted if absent.
-- At most one agent start per attempt: an attempt is claimed by an etag-conditional run write that
-  sets an expiring lease (``LEASE``) before the agent is called; a synchronous agent call is capped
-  (``SYNC_CALL_LIMIT``) well inside the lease. A message that finds the attempt leased comes back
-  when the lease ends; a crashed worker's attempt is taken over after it.
+- At most one agent start per step attempt: an attempt is claimed by an etag-conditional run write
+  that sets an expiring lease on the step (``LEASE``) before the agent is called; a synchronous
+  agent call is capped (``SYNC_CALL_LIMIT``) well inside the lease. A message that finds the attempt
+  leased comes back when the lease ends; a crashed worker's attempt is taken over after it.
 - A run executes the snapshot of its routine taken when it was first claimed (``RunPlan``).
+- A step that succeeded is never started again; a failed one is retried alone.
 - Waiting costs no compute: a pending agent run is checked by delayed ``poll`` messages, a retry is a
-  delayed ``retry`` message.
-- Every write that loses a race is decided again on fresh facts; nothing is decided on stale reads.
+  delayed ``retry`` message, an approval is a ``poll`` delayed to its timeout (or sent by the API
+  when a person decides).
+- Every write that loses a race is decided again on fresh facts, an agent's answer included (two
+  steps finishing at once never lose each other's result); nothing is decided on stale reads.
 """
 
 from __future__ import annotations
@@ -25,11 +35,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, Literal
 
-from routines import retry, schedule
+from routines import graph, retry, schedule
 from routines.agents.base import AgentError, AgentOutcome
+from routines.errors import Conflict, NotFound
 from routines.messages import MAX_DELAY_SECONDS, DispatchMessage, delay_until
 from routines.models import (
+    Action,
     ActionResult,
+    ApprovalStep,
     OverlapPolicy,
     ResponseAction,
     Routine,
@@ -39,6 +52,8 @@ from routines.models import (
     RunProgress,
     RunStatus,
     RunTrigger,
+    StepProgress,
+    StepStatus,
     TimerTrigger,
     idempotency_key,
     run_time,
@@ -76,7 +91,8 @@ class Facts:
     slot: Slot | _Unknown | None = UNKNOWN
     holder: Run | _Unknown | None = UNKNOWN  # the slot holder's run
     contended: bool = False  # a slot write lost: decide from the slot as read, not optimistically
-    called: int | None = None  # the action index just called
+    called: str | None = None  # the step just called
+    called_attempt: int = 0  # the attempt of that step the call was for
     outcome: AgentOutcome | AgentError | None = None  # its answer
     give_up: str | None = None  # the message failed for good: end its run failed with this reason
 
@@ -92,20 +108,21 @@ class Send:
 
 @dataclass(frozen=True)
 class StartAgent:
-    index: int
+    step: str
 
 
 @dataclass(frozen=True)
 class PollAgent:
-    index: int
+    step: str
 
 
 @dataclass(frozen=True)
 class CancelAgent:
     """Best effort: the routine was deleted or disabled, or the attempt timed out. ``run`` as it was
-    while its agent ran (its poll handle)."""
+    while the step's agent ran (its poll handle)."""
 
     run: Run
+    step: str
 
 
 @dataclass(frozen=True)
@@ -142,15 +159,33 @@ class Finished:
 
 @dataclass(frozen=True)
 class Retrying:
-    """Telemetry: a failed attempt, retried or not."""
+    """Telemetry: a failed attempt of ``step``, retried or not."""
 
     error: str
     retriable: bool
     retry: bool
+    step: str = ""
+
+
+@dataclass(frozen=True)
+class Decided:
+    """Telemetry: an approval step was decided (``approved``) by its timeout."""
+
+    step: str
+    approved: bool
 
 
 Effect = (
-    Send | StartAgent | PollAgent | CancelAgent | CompleteTimer | RecordThread | Unwatch | Finished | Retrying
+    Send
+    | StartAgent
+    | PollAgent
+    | CancelAgent
+    | CompleteTimer
+    | RecordThread
+    | Unwatch
+    | Finished
+    | Retrying
+    | Decided
 )
 
 
@@ -285,51 +320,281 @@ def _create(f: Facts, routine: Routine) -> Step:
 
 
 def _existing(f: Facts, routine: Routine, run: Run) -> Step:
-    """A redelivery, a duplicate, a retry, or a run recorded before its message (manual, buffered,
-    coalesced). A redelivery may follow a crash between a run write and what came after it (the next
-    message, the timer's completion, the hand-over of the slot): that step is done again."""
-    m, now = f.message, f.now
+    """A redelivery, a duplicate, a retry, a step's start, or a run recorded before its message
+    (manual, buffered, coalesced). A redelivery may follow a crash between a run write and what came
+    after it (the next message, the timer's completion, the hand-over of the slot): that is done
+    again."""
+    m = f.message
     effects: list[Effect] = []
     if m.kind == "fire" and run.trigger is RunTrigger.timer:
         effects.append(CompleteTimer(routine.id, run.scheduled_for))
     if run.status.terminal:
         return _handed_over(f, run, effects)
-    if m.attempt < max(run.attempt, 1):
-        return Done(tuple(effects), "a message of an earlier attempt")
-    progress = run.progress
-    if run.status is RunStatus.running and run.attempt == m.attempt:
-        if progress.poll is not None:
+    if run.status is RunStatus.queued:
+        if m.step is not None:
+            return Done(tuple(effects), "a step message of a run not started")
+        held = run.next_attempt_at  # a queued run may be held until then (a webhook debounce window)
+        if held is not None and held > f.now + timedelta(seconds=MAX_EARLY_WAIT):
+            effects.append(Send(m, delay_until(held, f.now)))
+            return Done(tuple(effects), "queued until its next_attempt_at")
+        if held is not None and held > f.now:
+            return Wait(delay_until(held, f.now))
+        return _claim(f, routine, run, tuple(effects), fresh=False)
+    return _step_message(f, routine, run, tuple(effects))
+
+
+def _step_message(f: Facts, routine: Routine, run: Run, before: tuple[Effect, ...]) -> Step:
+    """A message that starts (or takes over) an attempt of one step of a claimed run. A message
+    without a step (the fire again, a nudge of the repair pass) stands for the first step."""
+    m, now = f.message, f.now
+    advanced = _advance_write(f, run, before, take=True)
+    if advanced is not None:  # something the run owed first (a nudge, an approval decided)
+        return advanced
+    step = m.step or first_step(run)
+    if step not in step_ids(run):
+        return Done(before, "no such step")
+    r, sp = result(run, step), progress_of(run, step)
+    if r.status.terminal or isinstance(action_of(run, step), ApprovalStep):
+        return Done(before, "nothing to do for this step")
+    if m.attempt < max(r.attempt, 1):
+        return Done(before, "a message of an earlier attempt")
+    if r.status is StepStatus.running and r.attempt == m.attempt:
+        if sp.poll is not None:
             if m.kind != "poll":  # the start's own message again: its first poll may be lost
-                effects.append(Send(message_for(run, "poll"), MIN_POLL_SECONDS))
-            return Done(tuple(effects), "started; its polls drive it")
-        if progress.lease_until and progress.lease_until > now:
+                return Done(
+                    (*before, Send(step_message(run, step, "poll"), MIN_POLL_SECONDS)),
+                    "started; its polls drive it",
+                )
+            return Done(before, "started; its polls drive it")
+        if sp.lease_until and sp.lease_until > now:
             # Someone holds this attempt. Come back when the lease ends: if they crashed, it is taken
-            # over then; if not, the run is finished by then and this is a no-op.
-            effects.append(Send(m, delay_until(progress.lease_until, now) + 1))
-            return Done(tuple(effects), "leased by another worker")
-        return _claim(f, routine, run, tuple(effects), fresh=False)  # the lease lapsed: take the attempt over
-    if run.status is RunStatus.retrying:
-        due = run.next_attempt_at or now
-        if m.attempt == run.attempt:  # the failed attempt's message again: its retry may be lost
-            effects.append(Send(retry_message(run), delay_until(due, now)))
-            return Done(tuple(effects), "resent the retry")
-        if m.attempt != run.attempt + 1:
-            return Done(tuple(effects), "not this run's next attempt")
+            # over then; if not, the step is finished by then and this is a no-op.
+            return Done((*before, Send(m, delay_until(sp.lease_until, now) + 1)), "leased by another worker")
+        return _claim_step(f, routine, run, step, m.attempt, before)  # the lease lapsed: take it over
+    if r.status is not StepStatus.pending:
+        return Done(before, "nothing to do")
+    if r.next_attempt_at is not None:
+        due = r.next_attempt_at
+        if m.attempt == r.attempt:  # the failed attempt's message again: its retry may be lost
+            return Done(
+                (*before, Send(step_message(run, step, "retry", r.attempt + 1), delay_until(due, now))),
+                "resent the retry",
+            )
+        if m.attempt != r.attempt + 1:
+            return Done(before, "not this step's next attempt")
         if due > now + timedelta(seconds=MAX_EARLY_WAIT):
-            effects.append(Send(m, delay_until(due, now)))
-            return Done(tuple(effects), "too early for the retry")
+            return Done((*before, Send(m, delay_until(due, now))), "too early for the retry")
         if due > now:
             return Wait(delay_until(due, now))
-        return _claim(f, routine, run, tuple(effects), fresh=False)
-    if run.status is RunStatus.queued:
-        held = run.next_attempt_at  # a queued run may be held until then (a webhook debounce window)
-        if held is not None and held > now + timedelta(seconds=MAX_EARLY_WAIT):
-            effects.append(Send(m, delay_until(held, now)))
-            return Done(tuple(effects), "queued until its next_attempt_at")
-        if held is not None and held > now:
-            return Wait(delay_until(held, now))
-        return _claim(f, routine, run, tuple(effects), fresh=False)
-    return Done(tuple(effects), "nothing to do")
+        return _claim_step(f, routine, run, step, m.attempt, before)
+    if sp.sent_at is None or m.attempt != r.attempt + 1:
+        return Done(before, "not this step's next attempt")
+    return _claim_step(f, routine, run, step, m.attempt, before)
+
+
+def _claim(f: Facts, routine: Routine, run: Run, before: tuple[Effect, ...], *, fresh: bool) -> Step:
+    """Start ``run`` (inserted when ``fresh``), after ``before``: take the overlap slot first when
+    the routine uses one, snapshot the routine, and start the steps that start with the run."""
+    now = f.now
+    reason = _cancelled_by_routine(routine, run)
+    if reason:
+        return _finish(f, run, RunStatus.cancelled, f"cancelled: {reason}", before)
+    plan = run.progress.plan or RunPlan.of(routine)
+    slot_write: SlotWrite | None = None
+    if run.status is RunStatus.queued and plan.overlap_policy is not OverlapPolicy.allow_all:
+        if not f.contended and not run.progress.holds_slot:
+            slot_write = SlotWrite(holder=run.id)  # optimistic: create the slot
+        else:
+            if isinstance(f.slot, _Unknown):
+                return Load("slot")
+            slot = f.slot
+            if slot is None:
+                slot_write = SlotWrite(holder=run.id)
+            elif slot.holder == run.id:  # handed over: rewrite it to learn its etag
+                slot_write = SlotWrite(holder=run.id, buffered=slot.buffered, etag=slot.etag)
+            else:
+                return _overlap(f, routine, run, slot, before, fresh=fresh)
+    max_age = plan.retry_policy.max_age_seconds
+    if max_age is not None and now > run.scheduled_for + timedelta(seconds=max_age):
+        failed = run if not fresh else run.model_copy(update={"attempt": f.message.attempt})
+        return _finish(
+            f,
+            failed,
+            RunStatus.failed,
+            f"attempt {f.message.attempt} not started: more than max_age_seconds ({max_age}s) after "
+            "the scheduled time",
+            before,
+        )
+    claimed = run.model_copy(deep=True)
+    claimed.status = RunStatus.running
+    claimed.attempt = 1
+    claimed.max_attempts = plan.retry_policy.max_attempts
+    claimed.next_attempt_at = None
+    claimed.started_at = claimed.started_at or now
+    ids = graph.step_ids(plan.actions)
+    claimed.actions = [ActionResult(index=i, id=step) for i, step in enumerate(ids)]
+    p = claimed.progress
+    p.plan = plan
+    p.steps = {}
+    p.holds_slot = p.holds_slot or slot_write is not None
+    effects = _advance(claimed, now, f.owner, take=True)
+    _set_status(claimed)
+    return Write(claimed, None if fresh else f.etag, slot_write, (*before, *effects), "claim")
+
+
+def _claim_step(
+    f: Facts, routine: Routine, run: Run, step: str, attempt: int, before: tuple[Effect, ...]
+) -> Step:
+    """Start attempt ``attempt`` of ``step``: lease it, then call the agent."""
+    now = f.now
+    reason = _cancelled_by_routine(routine, run)
+    if reason:
+        return _end_cancelled(f, run, f"cancelled: {reason}", before)
+    plan = plan_of(run)
+    max_age = plan.retry_policy.max_age_seconds
+    if max_age is not None and now > run.scheduled_for + timedelta(seconds=max_age):
+        error = (
+            f"attempt {attempt} not started: more than max_age_seconds ({max_age}s) after the scheduled time"
+        )
+        failed = run.model_copy(deep=True)
+        _end_step(failed, step, StepStatus.failed, now, error)
+        result(failed, step).attempt = attempt
+        return _moved_on(f, failed, before, "too late for the step")
+    claimed = run.model_copy(deep=True)
+    _lease(claimed, step, attempt, now, f.owner)
+    _set_status(claimed)
+    return Write(claimed, f.etag, None, (*before, StartAgent(step)), "claim step")
+
+
+def _lease(run: Run, step: str, attempt: int, now: datetime, owner: str) -> None:
+    r = result(run, step)
+    r.status, r.attempt, r.next_attempt_at = StepStatus.running, attempt, None
+    r.started_at = r.started_at or now
+    sp = progress_of(run, step)
+    sp.lease_owner, sp.lease_until = owner, now + LEASE
+    sp.attempt_started_at = now
+    sp.poll = sp.poll_deadline = sp.polled_at = sp.sent_at = None
+    sp.ready_at = sp.ready_at or now
+
+
+def _advance(run: Run, now: datetime, owner: str, *, take: bool) -> list[Effect]:
+    """Decide every step whose dependencies are all done and that has not been decided yet (in
+    ``run``, a copy the caller owns): skip it, hold it ``waiting`` (an approval, with a ``poll`` at
+    its timeout), or start it. With ``take`` the caller starts the first agent step itself (a
+    ``StartAgent`` last in the effects); every other one gets a message. Returns the effects."""
+    plan = plan_of(run)
+    deps = graph.dependencies(plan.actions)
+    status = {r.id: r.status for r in run.actions}
+    outputs = {r.id: r.output for r in run.actions}
+    sends: list[Effect] = []
+    taken: str | None = None
+    for step in graph.order(deps):
+        r, sp = result(run, step), progress_of(run, step)
+        if r.status is not StepStatus.pending or r.attempt or sp.sent_at is not None:
+            continue
+        if not all(status[d].terminal for d in deps[step]):
+            continue
+        action = action_of(run, step)
+        if not graph.runs(action, deps[step], status, outputs):
+            _end_step(run, step, StepStatus.skipped, now, None)
+            status[step] = StepStatus.skipped
+            continue
+        sp.ready_at = now
+        if isinstance(action, ApprovalStep):
+            r.status, r.attempt, r.started_at = StepStatus.waiting, 1, now
+            status[step] = StepStatus.waiting
+            sp.decide_by = now + timedelta(seconds=action.timeout_seconds)
+            sends.append(
+                Send(step_message(run, step, "poll"), min(action.timeout_seconds, MAX_DELAY_SECONDS))
+            )
+        elif take and taken is None:
+            taken = step
+            _lease(run, step, 1, now, owner)
+            status[step] = StepStatus.running
+        else:
+            sp.sent_at = now
+            status[step] = StepStatus.running  # for this pass: not terminal
+            sends.append(Send(step_message(run, step, "retry", 1)))
+    return [*sends, StartAgent(taken)] if taken else sends
+
+
+def _owed(run: Run) -> bool:
+    """Whether ``run`` has a step ready but not decided yet, or every step done but the run not
+    ended (after an approval decided through the API, or a crash right after a step's write)."""
+    plan = run.progress.plan
+    if plan is None or run.status.terminal or run.status is RunStatus.queued:
+        return False
+    deps = graph.dependencies(plan.actions)
+    if all(r.status.terminal for r in run.actions):
+        return True
+    return any(
+        r.status is StepStatus.pending
+        and not r.attempt
+        and peek(run, r.id).sent_at is None
+        and all(result(run, d).status.terminal for d in deps[r.id])
+        for r in run.actions
+    )
+
+
+def _advance_write(f: Facts, run: Run, before: tuple[Effect, ...], *, take: bool) -> Step | None:
+    """The write that moves ``run`` on, if it owes one (``_owed``)."""
+    if not _owed(run):
+        return None
+    moved = run.model_copy(deep=True)
+    return _moved_on(f, moved, before, "moved on", take=take)
+
+
+def _moved_on(f: Facts, run: Run, before: tuple[Effect, ...], why: str, *, take: bool = True) -> Step:
+    """``run`` (a copy) after a step ended: decide the steps that became ready, and end the run
+    when every step is done."""
+    effects = _advance(run, f.now, f.owner, take=take)
+    if all(r.status.terminal for r in run.actions):
+        status, error = outcome_of(run)
+        return _finish(f, run, status, error, before)
+    _set_status(run)
+    return Write(run, f.etag, None, (*before, *effects), why)
+
+
+def outcome_of(run: Run) -> tuple[RunStatus, str | None]:
+    """A run whose steps are all done ``failed`` when a step failed and no step conditioned on that
+    failure ran; otherwise it ``succeeded``."""
+    handlers = graph.handlers_of(plan_of(run).actions)
+    ran = {r.id for r in run.actions if r.status in (StepStatus.succeeded, StepStatus.failed)}
+    for r in run.actions:
+        if r.status is StepStatus.failed and not handlers.get(r.id, set()) & ran:
+            return RunStatus.failed, _step_error(run, r.id, r.error_message or "failed")
+    return RunStatus.succeeded, None
+
+
+def _step_error(run: Run, step: str, error: str) -> str:
+    return error if len(run.actions) == 1 else f"step {step}: {error}"
+
+
+def _set_status(run: Run) -> None:
+    """The status of a run that is going (``running``, ``waiting``, ``retrying``) from its steps,
+    with ``attempt`` (the highest of its steps') and ``next_attempt_at`` (the next retry)."""
+    steps = run.actions
+    run.attempt = max([1, *(r.attempt for r in steps)])
+    retries = [r.next_attempt_at for r in steps if r.status is StepStatus.pending and r.next_attempt_at]
+    busy = any(
+        r.status is StepStatus.running
+        or (r.status is StepStatus.pending and peek(run, r.id).sent_at is not None)
+        for r in steps
+    )
+    if busy or (not retries and not any(r.status is StepStatus.waiting for r in steps)):
+        run.status, run.next_attempt_at = RunStatus.running, None
+    elif any(r.status is StepStatus.waiting for r in steps):
+        run.status, run.next_attempt_at = RunStatus.waiting, min(retries) if retries else None
+    else:
+        run.status, run.next_attempt_at = RunStatus.retrying, min(retries)
+
+
+def _end_step(run: Run, step: str, status: StepStatus, now: datetime, error: str | None) -> None:
+    r = result(run, step)
+    r.status, r.ended_at, r.next_attempt_at = status, now, None
+    if error is not None:
+        r.error_message = error[:1000]
+    run.progress.steps.pop(step, None)
 
 
 def _handed_over(f: Facts, run: Run, effects: list[Effect]) -> Step:
@@ -366,57 +631,6 @@ def _cancelled_by_routine(routine: Routine, run: Run) -> str | None:
     if run.status is RunStatus.queued and run.trigger not in (RunTrigger.manual, RunTrigger.webhook):
         return "the routine was disabled or rescheduled before this fire could start"
     return None
-
-
-def _claim(f: Facts, routine: Routine, run: Run, before: tuple[Effect, ...], *, fresh: bool) -> Step:
-    """Start attempt ``f.message.attempt`` of ``run`` (inserted when ``fresh``), after ``before``.
-    Takes the overlap slot first when the routine uses one."""
-    now = f.now
-    reason = _cancelled_by_routine(routine, run)
-    if reason:
-        return _finish(f, run, RunStatus.cancelled, f"cancelled: {reason}", before)
-    plan = run.progress.plan or RunPlan.of(routine)
-    slot_write: SlotWrite | None = None
-    if run.status is RunStatus.queued and plan.overlap_policy is not OverlapPolicy.allow_all:
-        if not f.contended and not run.progress.holds_slot:
-            slot_write = SlotWrite(holder=run.id)  # optimistic: create the slot
-        else:
-            if isinstance(f.slot, _Unknown):
-                return Load("slot")
-            slot = f.slot
-            if slot is None:
-                slot_write = SlotWrite(holder=run.id)
-            elif slot.holder == run.id:  # handed over: rewrite it to learn its etag
-                slot_write = SlotWrite(holder=run.id, buffered=slot.buffered, etag=slot.etag)
-            else:
-                return _overlap(f, routine, run, slot, before, fresh=fresh)
-    max_age = plan.retry_policy.max_age_seconds
-    if max_age is not None and now > run.scheduled_for + timedelta(seconds=max_age):
-        failed = run if not fresh else run.model_copy(update={"attempt": f.message.attempt})
-        return _finish(
-            f,
-            failed,
-            RunStatus.failed,
-            f"attempt {f.message.attempt} not started: more than max_age_seconds ({max_age}s) after "
-            "the scheduled time",
-            before,
-        )
-    claimed = run.model_copy(deep=True)
-    claimed.status = RunStatus.running
-    claimed.attempt = f.message.attempt
-    claimed.max_attempts = plan.retry_policy.max_attempts
-    claimed.next_attempt_at = None
-    claimed.started_at = claimed.started_at or now
-    if len(claimed.actions) != len(plan.actions):
-        claimed.actions = [ActionResult(index=i) for i in range(len(plan.actions))]
-    p = claimed.progress
-    p.plan = plan
-    p.lease_owner, p.lease_until = f.owner, now + LEASE
-    p.attempt_started_at = now
-    p.poll = p.poll_deadline = None
-    p.holds_slot = p.holds_slot or slot_write is not None
-    index = p.action_index
-    return Write(claimed, None if fresh else f.etag, slot_write, (*before, StartAgent(index)), "claim")
 
 
 def _overlap(
@@ -458,15 +672,20 @@ def _overlap(
 
 def abandoned(run: Run, now: datetime, after: timedelta = timedelta(minutes=10)) -> bool:
     """A non-terminal run untouched long past every deadline it set no longer blocks others."""
-    p = run.progress
-    marks = [m for m in (p.lease_until, p.poll_deadline, run.next_attempt_at, p.polled_at) if m]
-    return bool(marks) and max(marks) + after < now
+    marks = [run.next_attempt_at]
+    for sp in run.progress.steps.values():
+        marks += [sp.lease_until, sp.poll_deadline, sp.polled_at, sp.sent_at, sp.decide_by]
+    marks += [r.ended_at for r in run.actions]
+    present = [m for m in marks if m]
+    return bool(present) and max(present) + after < now
 
 
 # --- polls --------------------------------------------------------------------------------------
 
 
 def _poll(f: Facts) -> Step:
+    """A status check of one step: of its agent run, or of an approval (its timeout, or the API's
+    word that a person decided)."""
     m = f.message
     if isinstance(f.run, _Unknown):
         return Load("run")
@@ -475,11 +694,21 @@ def _poll(f: Facts) -> Step:
         return Done((_unwatch(m),), "no such run")
     if run.status.terminal:
         return _handed_over(f, run, []) if run.attempt == m.attempt else Done((), "finished")
-    if run.status is not RunStatus.running or run.attempt != m.attempt or run.progress.poll is None:
+    if run.status is RunStatus.queued or run.progress.plan is None:
+        return Done((), "a stale poll")
+    step = m.step or polling_step(run)
+    if step is None or step not in step_ids(run):
+        return Done((), "a stale poll")
+    if isinstance(action_of(run, step), ApprovalStep):
+        return _approval_check(f, run, step)
+    advanced = _advance_write(f, run, (), take=False)
+    if advanced is not None:
+        return advanced
+    r, sp = result(run, step), progress_of(run, step)
+    if r.status is not StepStatus.running or r.attempt != m.attempt or sp.poll is None:
         return Done((), "a stale poll")
     if isinstance(f.routine, _Unknown):
         return Load("routine")
-    index = run.progress.action_index
     reason = (
         "the routine was deleted while its agent ran"
         if f.routine is None
@@ -487,22 +716,69 @@ def _poll(f: Facts) -> Step:
     )
     if reason:
         return _end_cancelled(f, run, reason)
-    deadline = run.progress.poll_deadline
+    deadline = sp.poll_deadline
     if deadline and f.now >= deadline:
         timeout = plan_of(run).timeout_seconds
         error = AgentError(f"timed out after {timeout}s (timeout_seconds); cancelled", retriable=True)
-        step = _failed_attempt(dataclasses.replace(f, called=index), run, index, error)
-        if isinstance(step, Write):
-            return dataclasses.replace(step, effects=(CancelAgent(run), *step.effects))
-        return step
-    return Done((PollAgent(index),), "poll the agent")
+        called = dataclasses.replace(f, called=step, called_attempt=r.attempt)
+        outcome = _failed_step(called, run, step, error)
+        if isinstance(outcome, Write):
+            return dataclasses.replace(outcome, effects=(CancelAgent(run, step), *outcome.effects))
+        return outcome
+    return Done((PollAgent(step),), "poll the agent")
 
 
-def _end_cancelled(f: Facts, run: Run, reason: str) -> Step:
-    effects: tuple[Effect, ...] = ()
-    if run.status is RunStatus.running and run.progress.poll is not None:
-        effects = (CancelAgent(run),)
-    return _finish(f, run, RunStatus.cancelled, reason, effects)
+def _approval_check(f: Facts, run: Run, step: str) -> Step:
+    """An approval's poll: a person decided (the API wrote it; move the run on) or its timeout came."""
+    advanced = _advance_write(f, run, (), take=False)
+    if advanced is not None:
+        return advanced
+    r, sp = result(run, step), progress_of(run, step)
+    if r.status is not StepStatus.waiting:
+        return Done((), "the approval was decided")
+    due = sp.decide_by or f.now
+    if due > f.now + timedelta(seconds=MAX_EARLY_WAIT):  # a timeout past the queue's longest delay
+        return Done((Send(f.message, delay_until(due, f.now)),), "not due yet")
+    if due > f.now:
+        return Wait(delay_until(due, f.now))
+    action = action_of(run, step)
+    assert isinstance(action, ApprovalStep)
+    approved = action.on_timeout == "approve"
+    decided = run.model_copy(deep=True)
+    error = None if approved else f"not approved within {action.timeout_seconds}s (timeout_seconds); rejected"
+    _end_step(decided, step, StepStatus.succeeded if approved else StepStatus.failed, f.now, error)
+    result(decided, step).decided_at = f.now
+    return _moved_on(f, decided, (Decided(step, approved),), "approval timed out", take=False)
+
+
+def decide_approval(run: Run, step: str, approved: bool, comment: str | None, now: datetime) -> Run:
+    """``run`` with approval ``step`` decided by a person (the API's approve / reject). The run moves
+    on when the dispatcher next looks at it (the API sends it that step's ``poll``). Raises
+    ``NotFound`` (no such step), ``Conflict`` (the step is not waiting)."""
+    if run.progress.plan is None or step not in step_ids(run):
+        raise NotFound(f"run {run.id} has no step {step!r}")
+    r = result(run, step)
+    if not isinstance(action_of(run, step), ApprovalStep):
+        raise Conflict(f"step {step!r} of run {run.id} is not an approval step")
+    if r.status is not StepStatus.waiting or run.status.terminal:
+        raise Conflict(f"step {step!r} of run {run.id} is {r.status.value}, not waiting")
+    decided = run.model_copy(deep=True)
+    error = None if approved else "rejected" + (f": {comment}" if comment else "")
+    _end_step(decided, step, StepStatus.succeeded if approved else StepStatus.failed, now, error)
+    d = result(decided, step)
+    d.decided_at, d.comment = now, comment
+    _set_status(decided)
+    return decided
+
+
+def _end_cancelled(f: Facts, run: Run, reason: str, before: tuple[Effect, ...] = ()) -> Step:
+    """End ``run`` cancelled, cancelling (best effort) every agent run still going."""
+    cancels = tuple(
+        CancelAgent(run, step)
+        for step, sp in run.progress.steps.items()
+        if sp.poll is not None and result(run, step).status is StepStatus.running
+    )
+    return _finish(f, run, RunStatus.cancelled, reason, (*before, *cancels))
 
 
 # --- after an agent call ------------------------------------------------------------------------
@@ -510,76 +786,75 @@ def _end_cancelled(f: Facts, run: Run, reason: str) -> Step:
 
 def _after_call(f: Facts) -> Step:
     assert isinstance(f.run, Run) and f.called is not None
-    run, index, outcome = f.run, f.called, f.outcome
+    run, step, outcome = f.run, f.called, f.outcome
+    r = result(run, step)
+    if run.status.terminal or r.status is not StepStatus.running or r.attempt != f.called_attempt:
+        # Decided elsewhere since the call (a takeover that finished first, a cancel): ours is moot.
+        return Done((), "the step was decided elsewhere")
     if isinstance(outcome, AgentError):
-        return _failed_attempt(f, run, index, outcome)
+        return _failed_step(f, run, step, outcome)
     assert isinstance(outcome, AgentOutcome)
     if not outcome.done:
-        return _pending(f, run, index, outcome)
+        return _pending(f, run, step, outcome)
     done = run.model_copy(deep=True)
-    result = done.actions[index]
-    result.status = RunStatus.succeeded
-    result.output = outcome.output
-    result.thread_id = outcome.thread_id or result.thread_id
-    result.agent_run_id = outcome.agent_run_id or result.agent_run_id
-    result.error_message = None
-    p = done.progress
-    p.action_index = index + 1
-    p.poll = p.poll_deadline = p.polled_at = None
+    d = result(done, step)
+    d.output = outcome.output
+    d.thread_id = outcome.thread_id or d.thread_id
+    d.agent_run_id = outcome.agent_run_id or d.agent_run_id
+    d.error_message = None
+    _end_step(done, step, StepStatus.succeeded, f.now, None)
     effects: list[Effect] = []
-    action = plan_of(run).actions[index]
+    action = action_of(run, step)
     if isinstance(action, ResponseAction) and outcome.thread_id and outcome.thread_id != action.thread_id:
-        effects.append(RecordThread(run.routine_id, index, action.thread_id, outcome.thread_id))
-    if p.action_index >= len(plan_of(run).actions):
-        return _finish(f, done, RunStatus.succeeded, None, tuple(effects))
-    # More actions: save this one and claim the next start, so neither a crash nor a duplicated
-    # poll can start an action twice, and the next call gets a fresh lease.
-    p.lease_owner, p.lease_until = f.owner, f.now + LEASE
-    p.attempt_started_at = p.attempt_started_at or f.now
-    return Write(done, f.etag, None, (*effects, StartAgent(index + 1)), "next action")
+        effects.append(RecordThread(run.routine_id, d.index, action.thread_id, outcome.thread_id))
+    # Save this step and claim the next start in one write, so neither a crash nor a duplicated
+    # poll can start a step twice, and the next call gets a fresh lease.
+    return _moved_on(f, done, tuple(effects), "step succeeded")
 
 
-def _pending(f: Facts, run: Run, index: int, outcome: AgentOutcome) -> Step:
-    delay = poll_delay(run, outcome, f.now)
-    again = f.message.kind == "poll"  # a poll chain re-sends its own message, trace context and all
-    poll = Send(f.message if again else message_for(run, "poll"), delay)
-    p = run.progress
-    if p.poll is not None and p.polled_at and f.now - p.polled_at < HEARTBEAT:
+def _pending(f: Facts, run: Run, step: str, outcome: AgentOutcome) -> Step:
+    sp = progress_of(run, step)
+    delay = poll_delay(run, step, outcome, f.now)
+    # A poll chain re-sends its own message, trace context and all.
+    again = f.message.kind == "poll" and f.message.step in (step, None)
+    poll = Send(f.message if again else step_message(run, step, "poll"), delay)
+    if sp.poll is not None and sp.polled_at and f.now - sp.polled_at < HEARTBEAT:
         return Done((poll,), "still pending")
     pending = run.model_copy(deep=True)
-    pending.actions[index].status = RunStatus.running
-    pending.actions[index].thread_id = outcome.thread_id or pending.actions[index].thread_id
-    pending.actions[index].agent_run_id = outcome.agent_run_id or pending.actions[index].agent_run_id
-    q = pending.progress
+    r = result(pending, step)
+    r.thread_id = outcome.thread_id or r.thread_id
+    r.agent_run_id = outcome.agent_run_id or r.agent_run_id
+    q = progress_of(pending, step)
     if q.poll is None:
         q.poll = outcome.handle or {}
-        q.poll_deadline = attempt_deadline(run)
+        q.poll_deadline = attempt_deadline(run, step)
     q.polled_at = f.now
     q.lease_owner, q.lease_until = None, None
-    return Write(pending, f.etag, None, (poll,), "pending" if p.poll is None else "poll heartbeat")
+    return Write(pending, f.etag, None, (poll,), "pending" if sp.poll is None else "poll heartbeat")
 
 
-def _failed_attempt(f: Facts, run: Run, index: int, exc: AgentError) -> Step:
+def _failed_step(f: Facts, run: Run, step: str, exc: AgentError) -> Step:
     plan = plan_of(run)
+    attempt = result(run, step).attempt
     failed = run.model_copy(deep=True)
-    failed.actions[index].status = RunStatus.failed
-    failed.actions[index].error_message = str(exc)[:1000]
-    error = f"attempt {run.attempt}: {str(exc)[:1000]}"
+    error = f"attempt {attempt}: {str(exc)[:1000]}"
     decision = retry.decide(
-        plan.retry_policy, run.attempt, exc.retriable, exc.retry_after, run.scheduled_for, f.now
+        plan.retry_policy, attempt, exc.retriable, exc.retry_after, run.scheduled_for, f.now
     )
-    note = Retrying(str(exc), exc.retriable, decision.retry)
+    note = Retrying(str(exc), exc.retriable, decision.retry, step)
+    r = result(failed, step)
     if not decision.retry:
         if exc.retriable:
             error += f" (no retry: {decision.reason})"
-        return _finish(f, failed, RunStatus.failed, error, (note,))
-    failed.status = RunStatus.retrying
-    failed.error_message = error
-    failed.next_attempt_at = f.now + timedelta(seconds=decision.delay_seconds)
-    p = failed.progress
-    p.poll = p.poll_deadline = p.polled_at = None
-    p.lease_owner, p.lease_until = None, None
-    return Write(failed, f.etag, None, (note, Send(retry_message(failed), decision.delay_seconds)), "retry")
+        _end_step(failed, step, StepStatus.failed, f.now, error)
+        return _moved_on(f, failed, (note,), "step failed")
+    r.status, r.error_message = StepStatus.pending, str(exc)[:1000]
+    r.next_attempt_at = f.now + timedelta(seconds=decision.delay_seconds)
+    failed.progress.steps[step] = StepProgress(ready_at=progress_of(run, step).ready_at)
+    _set_status(failed)
+    failed.error_message = _step_error(failed, step, error)
+    retry_msg = step_message(failed, step, "retry", attempt + 1)
+    return Write(failed, f.etag, None, (note, Send(retry_msg, decision.delay_seconds)), "retry")
 
 
 # --- endings ------------------------------------------------------------------------------------
@@ -591,8 +866,11 @@ def _finish(
     """End ``run`` with ``status``, releasing its overlap slot (handing it to a buffered run)."""
     final = run.model_copy(deep=True)
     final.status, final.ended_at, final.next_attempt_at, final.error_message = status, f.now, None, error
+    for r in final.actions:
+        if not r.status.terminal:
+            r.status, r.ended_at, r.next_attempt_at = StepStatus.cancelled, f.now, None
     p = run.progress
-    final.progress = RunProgress(action_index=p.action_index, routine_version=p.routine_version)
+    final.progress = RunProgress(routine_version=p.routine_version)
     effects: list[Effect] = [*before, _unwatch(f.message), Finished(status)]
     slot_write = None
     if p.holds_slot:
@@ -648,25 +926,62 @@ def plan_of(run: Run) -> RunPlan:
     return run.progress.plan
 
 
-def attempt_deadline(run: Run) -> datetime:
-    started = run.progress.attempt_started_at or run.started_at or run.scheduled_for
+def step_ids(run: Run) -> list[str]:
+    return [r.id for r in run.actions]
+
+
+def result(run: Run, step: str) -> ActionResult:
+    for r in run.actions:
+        if r.id == step:
+            return r
+    raise KeyError(step)
+
+
+def action_of(run: Run, step: str) -> Action:
+    return plan_of(run).actions[result(run, step).index]
+
+
+def progress_of(run: Run, step: str) -> StepProgress:
+    """The step's bookkeeping (created empty in ``run``, which must be the caller's copy, when absent)."""
+    return run.progress.steps.setdefault(step, StepProgress())
+
+
+def peek(run: Run, step: str) -> StepProgress:
+    """The step's bookkeeping, without changing ``run``."""
+    return run.progress.steps.get(step) or StepProgress()
+
+
+def first_step(run: Run) -> str:
+    """The step a message without a step stands for: the first of the run (the one its claim started)."""
+    return run.actions[0].id if run.actions else "step1"
+
+
+def polling_step(run: Run) -> str | None:
+    """The step a poll without a step is for (a message of a version-1 run): the one being polled."""
+    polling = [s for s, sp in run.progress.steps.items() if sp.poll is not None]
+    return polling[0] if len(polling) == 1 else None
+
+
+def attempt_deadline(run: Run, step: str) -> datetime:
+    sp = peek(run, step)
+    started = sp.attempt_started_at or result(run, step).started_at or run.started_at or run.scheduled_for
     return started + timedelta(seconds=plan_of(run).timeout_seconds)
 
 
-def call_deadline(run: Run, now: datetime) -> datetime:
+def call_deadline(run: Run, step: str, now: datetime) -> datetime:
     """A synchronous agent call ends by the attempt's timeout or ``SYNC_CALL_LIMIT``, whichever is
     first, so it never outlives the lease that protects the attempt."""
-    return min(attempt_deadline(run), now + SYNC_CALL_LIMIT)
+    return min(attempt_deadline(run, step), now + SYNC_CALL_LIMIT)
 
 
-def poll_delay(run: Run, outcome: AgentOutcome, now: datetime) -> float:
-    """Back off as the run goes on, so the number of polls grows with the log of its duration, not
-    linearly; never less than the agent's own hint, never much past the deadline."""
-    p = run.progress
-    elapsed = (now - (p.attempt_started_at or now)).total_seconds()
+def poll_delay(run: Run, step: str, outcome: AgentOutcome, now: datetime) -> float:
+    """Back off as the step's agent run goes on, so the number of polls grows with the log of its
+    duration, not linearly; never less than the agent's own hint, never much past the deadline."""
+    sp = peek(run, step)
+    elapsed = (now - (sp.attempt_started_at or now)).total_seconds()
     hint = min(outcome.poll_after, MAX_DELAY_SECONDS) if outcome.poll_after == outcome.poll_after else 0
     delay = max(MIN_POLL_SECONDS, hint, min(MAX_POLL_SECONDS, elapsed * POLL_BACKOFF))
-    deadline = p.poll_deadline or (attempt_deadline(run) if p.plan else None)
+    deadline = sp.poll_deadline or (attempt_deadline(run, step) if run.progress.plan else None)
     if deadline:
         delay = min(delay, max(MIN_POLL_SECONDS, (deadline - now).total_seconds() + 1))
     return delay
@@ -679,7 +994,7 @@ def is_manual_run(run_id: str) -> bool:
 
 
 def message_for(
-    run: Run, kind: Literal["fire", "retry", "poll"], attempt: int | None = None
+    run: Run, kind: Literal["fire", "retry", "poll"], attempt: int | None = None, step: str | None = None
 ) -> DispatchMessage:
     return DispatchMessage(
         kind=kind,
@@ -688,11 +1003,21 @@ def message_for(
         routine_version=run.progress.routine_version or 1,
         attempt=max(1, run.attempt if attempt is None else attempt),
         run_id=run.id,
+        step=step,
     )
 
 
-def retry_message(run: Run) -> DispatchMessage:
-    return message_for(run, "retry", run.attempt + 1)
+def step_message(
+    run: Run, step: str, kind: Literal["retry", "poll"], attempt: int | None = None
+) -> DispatchMessage:
+    """A message for ``step``: start its attempt ``attempt`` (``retry``), or check it (``poll``, of
+    its current attempt)."""
+    return message_for(run, kind, result(run, step).attempt if attempt is None else attempt, step)
+
+
+def nudge_message(run: Run) -> DispatchMessage:
+    """A message that makes the dispatcher look at a claimed run as a whole (move it on)."""
+    return message_for(run, "retry", 1)
 
 
 def release_message(waiting: Run) -> DispatchMessage:
@@ -725,45 +1050,78 @@ def _unwatch(m: DispatchMessage, *, stale: bool = False) -> Unwatch:
 
 @dataclass(frozen=True)
 class Repair:
-    """What the repair pass does about one watch: send ``send`` (the message the run waits for),
+    """What the repair pass does about one watch: send ``sends`` (the messages the run waits for),
     then look again at ``check_at`` (``None``: the run is terminal, drop the watch)."""
 
-    send: DispatchMessage | None
+    sends: tuple[DispatchMessage, ...]
     check_at: datetime | None
     why: str = field(default="")
 
 
 def repair(run: Run | None, watch_fire: DispatchMessage, now: datetime, repair_after: timedelta) -> Repair:
-    """Decide one overdue watch. ``watch_fire`` is the fire message the watch stands for. A run with
-    something in flight (a lease, a due retry, a live poll chain) is left alone until that is due;
-    one with nothing in flight for ``repair_after`` gets the message it waits for again (every
-    handler is idempotent, so a message that was only late costs a no-op)."""
+    """Decide one overdue watch. ``watch_fire`` is the fire message the watch stands for. Each step
+    with something in flight (a lease, a due retry, a live poll chain, a start message just sent, an
+    approval before its timeout) is left alone until that is due; one with nothing in flight for
+    ``repair_after`` gets the message it waits for again (every handler is idempotent, so a message
+    that was only late costs a no-op)."""
     later = now + repair_after
     if run is None:
         if is_manual_run(watch_fire.run_id):
-            return Repair(None, None, "the manual run was never written")
+            return Repair((), None, "the manual run was never written")
         if now < watch_fire.scheduled_for + FIRST_CHECK:
-            return Repair(None, watch_fire.scheduled_for + FIRST_CHECK, "not due yet")
-        return Repair(watch_fire, now + FIRST_CHECK, "fire without a run: sent again")
+            return Repair((), watch_fire.scheduled_for + FIRST_CHECK, "not due yet")
+        return Repair((watch_fire,), now + FIRST_CHECK, "fire without a run: sent again")
     if run.status.terminal:
-        return Repair(None, None, "finished")
-    p = run.progress
-    if run.status is RunStatus.running and p.poll is None:
-        if p.lease_until and p.lease_until > now:
-            return Repair(None, p.lease_until + timedelta(seconds=2), "leased")
-        kind: Literal["fire", "retry"] = "fire" if run.attempt <= 1 else "retry"
-        return Repair(message_for(run, kind), now + FIRST_CHECK, "lease lapsed: taken over")
-    if run.status is RunStatus.running:
-        quiet_until = (p.polled_at or now) + timedelta(seconds=MAX_POLL_SECONDS) + repair_after
-        if quiet_until > now:
-            return Repair(None, quiet_until, "polling")
-        return Repair(message_for(run, "poll"), later, "poll chain silent: polled again")
-    if run.status is RunStatus.retrying:
-        due = (run.next_attempt_at or now) + repair_after
-        if due > now:
-            return Repair(None, due, "retry due later")
-        return Repair(retry_message(run), later, "retry message lost: sent again")
-    # queued: manual, webhook, coalesced, or buffered behind a running fire
-    if run.next_attempt_at is not None and run.next_attempt_at + repair_after > now:
-        return Repair(None, run.next_attempt_at + repair_after, "queued until its next_attempt_at")
-    return Repair(release_message(run), later, "queued: fire sent again")
+        return Repair((), None, "finished")
+    if run.status is RunStatus.queued or run.progress.plan is None:
+        # queued: manual, webhook, coalesced, or buffered behind a running fire; a webhook's
+        # debounce window holds it until its next_attempt_at
+        if run.next_attempt_at is not None and run.next_attempt_at + repair_after > now:
+            return Repair((), run.next_attempt_at + repair_after, "queued until its next_attempt_at")
+        return Repair((release_message(run),), later, "queued: fire sent again")
+    sends: list[DispatchMessage] = []
+    checks: list[datetime] = []
+    why: list[str] = []
+    if _owed(run):
+        ended = max((r.ended_at for r in run.actions if r.ended_at), default=run.started_at or now)
+        if ended + repair_after > now:
+            checks.append(ended + repair_after)
+        else:
+            sends.append(nudge_message(run))
+            checks.append(later)
+            why.append("run not moved on: nudged")
+    for r in run.actions:
+        sp = peek(run, r.id)
+        if r.status is StepStatus.running and sp.poll is None:
+            if sp.lease_until and sp.lease_until > now:
+                checks.append(sp.lease_until + timedelta(seconds=2))
+                continue
+            sends.append(step_message(run, r.id, "retry"))
+            checks.append(now + FIRST_CHECK)
+            why.append(f"{r.id}: lease lapsed: taken over")
+        elif r.status is StepStatus.running:
+            quiet_until = (sp.polled_at or now) + timedelta(seconds=MAX_POLL_SECONDS) + repair_after
+            if quiet_until > now:
+                checks.append(quiet_until)
+                continue
+            sends.append(step_message(run, r.id, "poll"))
+            checks.append(later)
+            why.append(f"{r.id}: poll chain silent: polled again")
+        elif r.status is StepStatus.waiting:
+            due = (sp.decide_by or now) + repair_after
+            if due > now:
+                checks.append(due)
+                continue
+            sends.append(step_message(run, r.id, "poll"))
+            checks.append(later)
+            why.append(f"{r.id}: approval timeout lost: sent again")
+        elif r.status is StepStatus.pending and (r.next_attempt_at or sp.sent_at):
+            due = (r.next_attempt_at or sp.sent_at or now) + repair_after
+            if due > now:
+                checks.append(due)
+                continue
+            sends.append(step_message(run, r.id, "retry", r.attempt + 1))
+            checks.append(later)
+            why.append(f"{r.id}: start message lost: sent again")
+    check_at = min(checks) if checks else later
+    return Repair(tuple(sends), check_at, "; ".join(why) or "in flight")

@@ -19,22 +19,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from routines import decide, lifecycle, telemetry
+from routines import decide, graph, lifecycle, placeholders, telemetry
 from routines.agents import bounds
 from routines.agents.base import AgentBackend, AgentCall, AgentError, AgentOutcome
 from routines.decide import UNKNOWN, Facts
 from routines.errors import Conflict, NotFound, PreconditionFailed, RoutinesError, StorageUnavailable
 from routines.messages import DispatchMessage, DispatchQueue
 from routines.models import (
+    ApprovalStep,
     ResponseAction,
     Routine,
     Run,
     RunTrigger,
+    StepStatus,
     now_utc,
+    utc_text,
 )
 from routines.scheduler import OWNER
 from routines.store import SlotTaken, Store
-from routines.webhooks import events
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +188,9 @@ class Dispatcher:
         try:
             etag, slot_etag = self._write_run(facts, run, step)
         except (PreconditionFailed, Conflict):
-            # Another delivery moved the run first (or our own earlier try landed): decide again on
-            # what is there now.
-            fresh = dataclasses.replace(facts, slot=UNKNOWN, holder=UNKNOWN, outcome=None, called=None)
+            # Another delivery or another step moved the run first (or our own earlier try landed):
+            # decide again on what is there now, with the agent's answer if this write carried one.
+            fresh = dataclasses.replace(facts, slot=UNKNOWN, holder=UNKNOWN)
             return self._load(fresh, "run")
         except SlotTaken:
             return dataclasses.replace(facts, slot=UNKNOWN, holder=UNKNOWN, contended=True)
@@ -205,6 +207,7 @@ class Dispatcher:
             contended=False,
             outcome=None,
             called=None,
+            called_attempt=0,
         )
         if run.status.terminal:
             self._log_finished(run)
@@ -240,7 +243,7 @@ class Dispatcher:
         elif isinstance(effect, decide.StartAgent | decide.PollAgent):
             return self._call_agent(facts, effect)
         elif isinstance(effect, decide.CancelAgent):
-            self._cancel_agent(effect.run, facts.now)
+            self._cancel_agent(effect.run, effect.step, facts.now)
         elif isinstance(effect, decide.Unwatch):
             self.store.unwatch(effect.routine_id, effect.run_id, effect.up_to_version)
         elif isinstance(effect, decide.CompleteTimer):
@@ -258,47 +261,81 @@ class Dispatcher:
             telemetry.set_attributes({"run.status": effect.status.value})
         elif isinstance(effect, decide.Retrying):
             self._log_failed_attempt(facts, effect)
+        elif isinstance(effect, decide.Decided):
+            telemetry.set_attributes({"step.id": effect.step, "step.approved": effect.approved})
         return None
 
-    def _call(self, run: Run, index: int, now: datetime) -> AgentCall:
+    def _call(self, run: Run, step: str, now: datetime) -> AgentCall:
         plan = decide.plan_of(run)
-        action = plan.actions[index]
-        override = run.progress.input_override if index == 0 else None
+        result = decide.result(run, step)
+        action = plan.actions[result.index]
+        assert not isinstance(action, ApprovalStep), "approval steps never call an agent"
+        first = not graph.dependencies(plan.actions)[step]
+        override = run.progress.input_override if first else None
+        context = placeholders.Context(
+            steps={r.id: r.output for r in run.actions if r.status is StepStatus.succeeded},
+            run={
+                "id": run.id,
+                "scheduled_for": utc_text(run.scheduled_for),
+                "trigger": run.trigger.value,
+                "attempt": result.attempt,
+                "idempotency_key": run.idempotency_key,
+            },
+            routine={"id": run.routine_id, "name": plan.name},
+            event=run.event.body if run.event else None,
+            event_headers=run.event.headers if run.event else None,
+        )
         return AgentCall(
             routine_id=run.routine_id,
             run_id=run.id,
-            # Each action of a fire is its own agent call: later actions get their own stable key.
-            idempotency_key=run.idempotency_key if index == 0 else f"{run.idempotency_key}/{index}",
+            # Each step of a fire is its own agent call with its own stable key; a one-step routine
+            # keeps the run's (as in version 1).
+            idempotency_key=(
+                run.idempotency_key if len(plan.actions) == 1 else f"{run.idempotency_key}:{step}"
+            ),
             scheduled_for=run.scheduled_for,
-            attempt=run.attempt,
-            action_index=index,
+            attempt=result.attempt,
+            action_index=result.index,
             action_type=action.type,
-            # Until the steps' placeholder engine lands: a webhook run's {{event.*}} filled in.
-            input=events.substitute(override if override is not None else action.input, events.context(run)),
+            input=override if override is not None else placeholders.substitute_input(action.input, context),
             agent_id=action.agent_id,
             agent_name=action.agent_name,
             agent_version=action.agent_version,
             thread_id=action.thread_id if isinstance(action, ResponseAction) else None,
             max_thread_messages=action.max_thread_messages if isinstance(action, ResponseAction) else None,
             traceparent=telemetry.current_traceparent(),
-            deadline=decide.call_deadline(run, now),
+            deadline=decide.call_deadline(run, step, now),
         )
 
     def _call_agent(self, facts: Facts, effect: decide.StartAgent | decide.PollAgent) -> Facts:
         assert isinstance(facts.run, Run)
-        run, index = facts.run, effect.index
+        run, step = facts.run, effect.step
         plan = decide.plan_of(run)
+        result = decide.result(run, step)
         telemetry.set_attributes({"routine.name": plan.name})
         starting = isinstance(effect, decide.StartAgent)
-        if starting and run.attempt == 1 and index == 0 and run.trigger is not RunTrigger.manual:
-            telemetry.record_dispatch_lag((facts.now - run.scheduled_for).total_seconds(), run.trigger.value)
-        call = self._call(run, index, facts.now)
+        if starting and result.attempt == 1:
+            # A first step's lag runs from the scheduled time, a later one's from when it was ready.
+            later = bool(graph.dependencies(plan.actions)[step])
+            ready = (decide.peek(run, step).ready_at if later else None) or run.scheduled_for
+            if later or run.trigger is not RunTrigger.manual:
+                lag = (facts.now - ready).total_seconds()
+                telemetry.record_dispatch_lag(lag, run.trigger.value, step if len(plan.actions) > 1 else None)
+        call = self._call(run, step, facts.now)
         name = "routines.agent.start" if starting else "routines.agent.poll"
         outcome: AgentOutcome | AgentError
+        step_attributes = {
+            **telemetry.run_attributes(run.routine_id, run.id, result.attempt, plan.name),
+            "step.id": step,
+            "step.type": call.action_type,
+        }
         try:
-            with telemetry.span(name, telemetry.call_attributes(call, plan.name)):
+            with (
+                telemetry.span(f"routines.step.{'start' if starting else 'poll'}", step_attributes),
+                telemetry.span(name, telemetry.call_attributes(call, plan.name)),
+            ):
                 call = telemetry.with_traceparent(call)  # the agent sees this span as its caller
-                backend, handle = self.backend, run.progress.poll or {}
+                backend, handle = self.backend, decide.peek(run, step).poll or {}
                 if starting:
                     outcome = bounds.within_deadline(lambda: backend.start(call), call, self.clock)
                 else:
@@ -306,13 +343,16 @@ class Dispatcher:
                 outcome = bounds.checked(outcome, call)
         except AgentError as exc:
             outcome = exc
-        return dataclasses.replace(facts, now=self.clock(), called=index, outcome=outcome)
+        return dataclasses.replace(
+            facts, now=self.clock(), called=step, called_attempt=result.attempt, outcome=outcome
+        )
 
-    def _cancel_agent(self, run: Run, now: datetime) -> None:
-        if run.progress.poll is None or run.progress.plan is None:
+    def _cancel_agent(self, run: Run, step: str, now: datetime) -> None:
+        handle = decide.peek(run, step).poll
+        if handle is None or run.progress.plan is None:
             return
         try:
-            self.backend.cancel(self._call(run, run.progress.action_index, now), run.progress.poll)
+            self.backend.cancel(self._call(run, step, now), handle)
         except Exception:  # best effort by contract; a backend bug must not keep the run open
             log.exception("cancelling the agent run of run %s failed", run.id)
 
@@ -346,11 +386,15 @@ class Dispatcher:
             return
         if effect.retry:
             telemetry.record_retry(run.trigger.value)
+        attempt = (
+            decide.result(run, effect.step).attempt if effect.step in decide.step_ids(run) else run.attempt
+        )
         log.warning(
-            "run %s of routine %s: attempt %d failed (%s): %s",
+            "run %s of routine %s: step %s attempt %d failed (%s): %s",
             run.id,
             run.routine_id,
-            run.attempt,
+            effect.step,
+            attempt,
             "retriable" if effect.retriable else "not retriable",
             effect.error[:300],
             extra=telemetry.run_attributes(run.routine_id, run.id, run.attempt, None),

@@ -11,16 +11,17 @@ from typing import Any, Literal, Protocol
 
 from pydantic import Field
 
-from routines.models import Model, UtcDatetime
+from routines.models import STEP_ID_PATTERN, Model, UtcDatetime
 
 MAX_MESSAGE_BYTES = 8 * 1024
 MAX_DELAY_SECONDS = 7 * 86400 - 1  # Azure Queues refuse a visibility delay of 7 days or more
 
 
 class DispatchMessage(Model):
-    """One fire (``fire``), one retry of it (``retry``; also the start of a queued run: buffered,
-    manual, coalesced) or one status check (``poll``). Inputs stay in Table Storage; the message only
-    names the fire."""
+    """One fire (``fire``), one start of a step's attempt (``retry`` with ``step``; without ``step``
+    the start of a queued run: buffered, manual, coalesced) or one status check of a step (``poll``:
+    an agent run, or an approval's decision or timeout). Inputs stay in Table Storage; the message
+    only names the fire and the step."""
 
     v: Literal[1] = 1
     kind: Literal["fire", "retry", "poll"]
@@ -29,6 +30,7 @@ class DispatchMessage(Model):
     routine_version: int = Field(ge=1)
     attempt: int = Field(default=1, ge=1)
     run_id: str = Field(max_length=64)
+    step: str | None = Field(default=None, pattern=STEP_ID_PATTERN)  # absent: the run as a whole
     traceparent: str | None = Field(default=None, max_length=128)
 
     def encode(self) -> str:

@@ -219,7 +219,62 @@ def _depth(value: Any) -> int:
     return depth
 
 
-class _Action(CompactModel):
+STEP_ID_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+MAX_STEPS = 20
+StepId = Annotated[str, Field(pattern=STEP_ID_PATTERN)]
+ConditionOp = Literal["eq", "ne", "in", "contains", "gt", "gte", "lt", "lte", "exists"]
+
+
+class Condition(CompactModel):
+    """``when`` of a step (SPEC 11): on an earlier step's ``status``, and/or on its output parsed as
+    JSON (``path`` a dot path into it; absent: the whole output) compared with ``op`` and ``value``."""
+
+    step: StepId
+    status: Literal["succeeded", "failed", "skipped"] | None = None
+    path: str | None = Field(default=None, min_length=1, max_length=256)
+    op: ConditionOp | None = None
+    value: Any = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Condition:
+        if self.status is None and self.op is None:
+            raise ValueError("give status, or op (with path and value) to compare the step's output")
+        if self.op is None and (self.path is not None or "value" in self.model_fields_set):
+            raise ValueError("path and value go with op")
+        if self.op not in (None, "exists") and "value" not in self.model_fields_set:
+            raise ValueError(f"op {self.op} needs a value")
+        if self.op == "in" and not isinstance(self.value, list):
+            raise ValueError("op in needs a list as its value")
+        if len(json.dumps(self.value)) > 4096:
+            raise ValueError("value: at most 4 KiB of JSON")
+        return self
+
+
+class _Step(CompactModel):
+    """What every step has (SPEC 11): an ``id`` (default ``step<position>``), ``after`` (the ids it
+    waits for; absent: the step before it) and ``when`` (conditions on earlier steps)."""
+
+    id: StepId | None = None
+    after: list[StepId] | None = Field(default=None, max_length=MAX_STEPS)
+    when: Condition | list[Condition] | None = None
+
+    @field_validator("when")
+    @classmethod
+    def _some_conditions(
+        cls, value: Condition | list[Condition] | None
+    ) -> Condition | list[Condition] | None:
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_STEPS:
+            raise ValueError(f"give 1 to {MAX_STEPS} conditions")
+        return value
+
+    @property
+    def conditions(self) -> list[Condition]:
+        if self.when is None:
+            return []
+        return self.when if isinstance(self.when, list) else [self.when]
+
+
+class _Action(_Step):
     agent_id: str | None = Field(default=None, pattern=AGENT_ID_PATTERN)
     agent_name: str | None = Field(default=None, pattern=AGENT_ID_PATTERN)
     agent_version: str | None = Field(default=None, min_length=1, max_length=64)
@@ -262,7 +317,19 @@ class ResponseAction(_Action):
     _integers = field_validator("max_thread_messages", mode="before")(json_integers)
 
 
-Action = Annotated[InvocationAction | ResponseAction, Field(discriminator="type")]
+class ApprovalStep(_Step):
+    """A human gate: the run waits (no compute spent) until the step is approved or rejected through
+    the API, or ``timeout_seconds`` pass (then ``on_timeout`` decides)."""
+
+    type: Literal["approval"]
+    timeout_seconds: int = Field(default=86400, ge=1, le=30 * 86400)
+    on_timeout: Literal["reject", "approve"] = "reject"
+
+    _integers = field_validator("timeout_seconds", mode="before")(json_integers)
+
+
+AgentAction = InvocationAction | ResponseAction
+Action = Annotated[InvocationAction | ResponseAction | ApprovalStep, Field(discriminator="type")]
 
 # --- policies -------------------------------------------------------------------------------------
 
@@ -331,13 +398,21 @@ class _RoutineFields(Model):
     name: str = Field(pattern=NAME_PATTERN)
     description: str = Field(default="", max_length=2048)
     trigger: Trigger
-    actions: list[Action] = Field(min_length=1, max_length=10)
+    actions: list[Action] = Field(min_length=1, max_length=MAX_STEPS)
     retry_policy: RetryPolicy = Field(default_factory=RetryPolicy)
     overlap_policy: OverlapPolicy = OverlapPolicy.skip
     catchup_window_seconds: int = Field(default=3600, ge=0, le=30 * 86400)
     timeout_seconds: int = Field(default=600, ge=1, le=86400)
 
     _integers = field_validator("catchup_window_seconds", "timeout_seconds", mode="before")(json_integers)
+
+    @field_validator("actions")
+    @classmethod
+    def _a_graph(cls, value: list[Action]) -> list[Action]:
+        from routines import graph  # the graph rules read the models
+
+        graph.check(value)
+        return value
 
     @field_validator("description", mode="before")
     @classmethod
@@ -381,6 +456,7 @@ class RunStatus(StrEnum):
     queued = "queued"
     running = "running"
     retrying = "retrying"
+    waiting = "waiting"  # held by an approval step
     succeeded = "succeeded"
     failed = "failed"
     skipped = "skipped"
@@ -404,13 +480,39 @@ class RunTrigger(StrEnum):
     webhook = "webhook"
 
 
+class StepStatus(StrEnum):
+    pending = "pending"  # not started yet: waiting for its dependencies, its start, or a retry
+    running = "running"
+    waiting = "waiting"  # an approval step waiting for a person
+    succeeded = "succeeded"
+    failed = "failed"
+    skipped = "skipped"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in STEP_TERMINAL
+
+
+STEP_TERMINAL = frozenset({StepStatus.succeeded, StepStatus.failed, StepStatus.skipped, StepStatus.cancelled})
+
+
 class ActionResult(Model):
+    """One step of a run as the API shows it."""
+
     index: int
-    status: RunStatus = RunStatus.queued
+    id: str = ""
+    status: StepStatus = StepStatus.pending
+    attempt: int = 0
+    started_at: UtcDatetime | None = None
+    ended_at: UtcDatetime | None = None
+    next_attempt_at: UtcDatetime | None = None
     agent_run_id: str | None = None
     thread_id: str | None = None
     output: str | None = None
     error_message: str | None = None
+    comment: str | None = None  # approval steps: the person's comment
+    decided_at: UtcDatetime | None = None  # approval steps: when it was approved, rejected or timed out
 
 
 class RunPlan(Model):
@@ -436,21 +538,30 @@ class RunPlan(Model):
         )
 
 
-class RunProgress(Model):
-    """Dispatcher bookkeeping, never shown in the API: the attempt lease and the pending agent call."""
+class StepProgress(Model):
+    """Dispatcher bookkeeping of one step, never shown in the API: the attempt's lease, the pending
+    agent call, and when its start (or an approval's timeout) is due."""
 
-    plan: RunPlan | None = None
     lease_owner: str | None = None
     lease_until: UtcDatetime | None = None
-    action_index: int = 0
     poll: dict[str, Any] | None = None  # backend handle of a started agent run, for status polls
     poll_deadline: UtcDatetime | None = None
+    polled_at: UtcDatetime | None = None  # last heartbeat of the poll chain (the repair pass reads it)
+    attempt_started_at: UtcDatetime | None = None  # the timeout runs from here
+    sent_at: UtcDatetime | None = None  # a start message was sent for the next attempt at this time
+    ready_at: UtcDatetime | None = None  # when its dependencies were done (the lag of its start)
+    decide_by: UtcDatetime | None = None  # an approval: its timeout
+
+
+class RunProgress(Model):
+    """Dispatcher bookkeeping, never shown in the API: the snapshot, the overlap slot, the steps."""
+
+    plan: RunPlan | None = None
+    steps: dict[str, StepProgress] = Field(default_factory=dict)
     input_override: str | dict[str, Any] | None = None
     routine_version: int | None = None
     holds_slot: bool = False  # this run holds the routine's overlap slot and must release it
     slot_etag: str | None = None  # the slot row as this run last wrote it: released without a read
-    attempt_started_at: UtcDatetime | None = None  # the timeout runs from here
-    polled_at: UtcDatetime | None = None  # last heartbeat of the poll chain (the repair pass reads it)
     handed_to: str | None = None  # a finished run: the buffered run it handed the overlap slot to
 
 

@@ -8,8 +8,8 @@ from typing import Any
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
 from pydantic_core import core_schema
 
-from routines.api import DispatchRequest, PreviewRequest
-from routines.models import Routine, RoutineCreate, Run, _RoutineFields
+from routines.api import DecisionRequest, DispatchRequest, PreviewRequest
+from routines.models import Routine, RoutineCreate, Run, RunStatus, _RoutineFields
 
 _REF = "#/components/schemas/{model}"
 
@@ -50,6 +50,7 @@ def _page(name: str) -> dict[str, Any]:
 _PROBLEM = {"description": "Problem", "content": {"application/problem+json": {"schema": _ref("Problem")}}}
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_STEP_ID = {"name": "step_id", "in": "path", "required": True, "schema": {"type": "string"}}
 # An empty query parameter (``?limit=``) counts as absent, so the empty string is part of each schema.
 _EMPTY = {"type": "string", "maxLength": 0}
 _LIMIT = {
@@ -207,14 +208,18 @@ def _op(
     if params:
         op["parameters"] = list(params)
     if request:
-        op["requestBody"] = {"required": request != "DispatchRequest", **_json(_ref(request))}
+        optional = request in ("DispatchRequest", "DecisionRequest")
+        op["requestBody"] = {"required": not optional, **_json(_ref(request))}
     return op
 
 
 @functools.cache
 def document() -> dict[str, Any]:
     _, schemas = models_json_schema(
-        [(m, "validation") for m in (RoutineCreate, PreviewRequest, DispatchRequest, _RoutineFields)]
+        [
+            (m, "validation")
+            for m in (RoutineCreate, PreviewRequest, DispatchRequest, DecisionRequest, _RoutineFields)
+        ]
         + [(m, "serialization") for m in (Routine, Run)],
         ref_template=_REF,
         schema_generator=_SchemaGenerator,
@@ -247,9 +252,7 @@ def document() -> dict[str, Any]:
         },
     }
     state = _filter("state", ["enabled", "disabled", "completed"])
-    status = _filter(
-        "status", ["queued", "running", "retrying", "succeeded", "failed", "skipped", "missed", "cancelled"]
-    )
+    status = _filter("status", [s.value for s in RunStatus])
     routine = _ref("Routine")
     paths = {
         "/api/routines": {
@@ -343,6 +346,26 @@ def document() -> dict[str, Any]:
                     **{str(code): _PROBLEM for code in (400, 401, 404, 409, 413, 503)},
                 },
             }
+        },
+        "/api/routines/{id}/runs/{run_id}/steps/{step_id}/approve": {
+            "post": _op(
+                "Approve a waiting approval step",
+                200,
+                _ref("Run"),
+                (400, 404, 409, 413, 415, 422),
+                "DecisionRequest",
+                (_ID, _RUN_ID, _STEP_ID),
+            )
+        },
+        "/api/routines/{id}/runs/{run_id}/steps/{step_id}/reject": {
+            "post": _op(
+                "Reject a waiting approval step (the step fails)",
+                200,
+                _ref("Run"),
+                (400, 404, 409, 413, 415, 422),
+                "DecisionRequest",
+                (_ID, _RUN_ID, _STEP_ID),
+            )
         },
         "/api/preview": {
             "post": _op(

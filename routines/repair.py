@@ -68,9 +68,10 @@ def repair(
             run = None
         decision = decide.repair(run, fire_of(watch), now, repair_after)
         report.why.append(f"{watch.run_id}: {decision.why}")
-        if decision.send is not None:
-            queue.send(decision.send, 0)
+        for message in decision.sends:
+            queue.send(message, 0)
             report.resent += 1
+        if decision.sends:
             log.warning("repair: run %s of routine %s: %s", watch.run_id, watch.routine_id, decision.why)
         if decision.check_at is None:
             store.unwatch(watch.routine_id, watch.run_id)

@@ -11,6 +11,7 @@ Every write lands before the fires it makes valid are enqueued (docs: the README
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,12 +19,13 @@ from typing import Any
 
 import pydantic
 
-from routines import lifecycle, scheduler, telemetry, validation
+from routines import decide, graph, lifecycle, scheduler, telemetry, validation
 from routines.config import Settings
 from routines.errors import Invalid, PreconditionFailed, StorageUnavailable
 from routines.messages import DispatchMessage, DispatchQueue
 from routines.models import (
     MUTABLE_FIELDS,
+    ApprovalStep,
     Routine,
     RoutineCreate,
     RoutineState,
@@ -171,16 +173,20 @@ class Service:
 
     # --- runs -------------------------------------------------------------------------------
     def dispatch_routine(self, routine_id: str, override: str | dict[str, Any] | None) -> Run:
-        """Start a manual run now; ``override`` replaces the first action's input. Raises
+        """Start a manual run now; ``override`` replaces the input of the steps that start with the
+        run. Raises
         ``NotFound``, ``Invalid``."""
         routine = self.get_routine(routine_id)
         if override is not None:
-            try:
-                type(routine.actions[0]).model_validate(
-                    {**routine.actions[0].model_dump(), "input": override}
-                )
-            except pydantic.ValidationError as exc:
-                raise validation.invalid(exc) from None
+            deps = graph.dependencies(routine.actions)
+            for action, step in zip(routine.actions, graph.step_ids(routine.actions), strict=True):
+                if deps[step] or isinstance(action, ApprovalStep):
+                    continue
+                try:  # the size and depth rules of an input
+                    type(action).model_validate({**action.model_dump(), "input": override})
+                except pydantic.ValidationError as exc:
+                    raise validation.invalid(exc) from None
+                break
         now = self.clock()
         run_id = manual_run_id(now)
         run = Run(
@@ -229,6 +235,36 @@ class Service:
 
     def get_run(self, routine_id: str, run_id: str) -> Run:
         return self.store.get_run(routine_id, run_id)[0]
+
+    def decide_step(
+        self, routine_id: str, run_id: str, step_id: str, approved: bool, comment: str | None
+    ) -> Run:
+        """Approve or reject the waiting approval step ``step_id``; the run moves on in the dispatcher
+        (sent the step's ``poll`` once the decision is written; if that send is lost, the repair
+        pass sends it). Raises ``NotFound`` (run or step), ``Conflict`` (the step is not waiting)."""
+        for _ in range(8):
+            run, etag = self.store.get_run(routine_id, run_id)
+            decided = decide.decide_approval(run, step_id, approved, comment, self.clock())
+            try:
+                self.store.replace_run(decided, etag)
+            except PreconditionFailed:
+                continue  # a step of the run moved meanwhile: decide again on what is there now
+            message = decide.step_message(decided, step_id, "poll")
+            if run.trace_id:  # the run's own trace, so the decision shows with the rest of the run
+                message = message.model_copy(
+                    update={"traceparent": f"00-{run.trace_id}-{secrets.token_hex(8)}-01"}
+                )
+            try:
+                self.queue.send(message)
+            except StorageUnavailable as exc:
+                log.warning(
+                    "run %s: step %s decided, not enqueued (%s); the repair pass sends it",
+                    run_id,
+                    step_id,
+                    exc,
+                )
+            return decided
+        raise StorageUnavailable(f"run {run_id} kept changing; try again")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

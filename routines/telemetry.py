@@ -267,8 +267,10 @@ def record_run_finished(status: str, trigger: str | None = None) -> None:
     runs_finished.add(1, _clean({"status": status, "trigger": trigger}))
 
 
-def record_dispatch_lag(seconds: float, trigger: str | None = None) -> None:
-    dispatch_lag.record(seconds, _clean({"trigger": trigger}))
+def record_dispatch_lag(seconds: float, trigger: str | None = None, step: str | None = None) -> None:
+    """Start - scheduled time of a run's first step; of a later step, start - the time it became
+    ready (its dependencies done), with ``step``."""
+    dispatch_lag.record(seconds, _clean({"trigger": trigger, "step.id": step}))
     trace.get_current_span().set_attribute("run.dispatch_lag_s", round(seconds, 3))
 
 

@@ -9,8 +9,9 @@ from typing import Any
 import pydantic
 
 from routines.errors import Invalid
+from routines.graph import GraphError
 
-_TAGS = {"schedule", "timer", "invocation", "response"}
+_TAGS = {"schedule", "timer", "invocation", "response", "approval", "Condition"}
 # The location parts pydantic adds for the members of a plain union (``str | dict[str, Any]``).
 _UNION_MEMBER = re.compile(r"^(?:function-|union\[|(?:str|int|float|bool|none|dict|list)(?:\[.*\])?$)")
 
@@ -37,6 +38,9 @@ def validation_errors(exc: pydantic.ValidationError, prefix: tuple[Any, ...] = (
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         loc = _loc(prefix + tuple(err["loc"]))
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, GraphError):  # a rule between steps: the step's own field
+            loc = [*loc, *cause.loc]
         key = json.dumps(loc)
         if key in by_loc:
             by_loc[key]["msg"] += f"; or {msg[:1].lower()}{msg[1:]}"

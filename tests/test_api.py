@@ -632,7 +632,7 @@ def test_json_content_type_with_charset_and_suffix_is_accepted(client: Client) -
         pytest.param({"trigger": timer("2026-03-02T12:00:00")}, ["trigger", "at"], id="timer-naive"),
         pytest.param({"trigger": timer("tomorrow")}, ["trigger", "at"], id="timer-text"),
         pytest.param({"actions": []}, ["actions"], id="actions-empty"),
-        pytest.param({"actions": [action()] * 11}, ["actions"], id="actions-11"),
+        pytest.param({"actions": [action()] * 21}, ["actions"], id="actions-21"),
         pytest.param(
             {"actions": [action(input="x" * MAX_INPUT_BYTES)]}, ["actions", 0, "input"], id="input-over-32k"
         ),
@@ -889,7 +889,7 @@ def test_patch_rename_to_a_taken_name_is_409(seeded: tuple[Client, str, dict[str
             {"actions": [action(input="x" * MAX_INPUT_BYTES)]}, ["actions", 0, "input"], id="input-big"
         ),
         pytest.param({"actions": [action(agent_name="n")]}, ["actions", 0], id="agent-both"),
-        pytest.param({"actions": [action()] * 11}, ["actions"], id="actions-11"),
+        pytest.param({"actions": [action()] * 21}, ["actions"], id="actions-21"),
         pytest.param({"actions": None}, ["actions"], id="actions-removed"),
         pytest.param({"retry_policy": {"initial_delay_seconds": 5}}, ["retry_policy"], id="retry-mixed"),
         pytest.param({"overlap_policy": "all"}, ["overlap_policy"], id="overlap"),
@@ -1225,6 +1225,8 @@ def test_openapi_covers_every_route_and_the_main_schemas() -> None:
         ("post", "/api/routines/{id}/dispatch"), ("get", "/api/routines/{id}/runs"),
         ("get", "/api/routines/{id}/runs/{run_id}"), ("post", "/api/preview"), ("get", "/api/health"),
         ("get", "/api/openapi.json"), ("post", "/api/hooks/{key}"),
+        ("post", "/api/routines/{id}/runs/{run_id}/steps/{step_id}/approve"),
+        ("post", "/api/routines/{id}/runs/{run_id}/steps/{step_id}/reject"),
     }  # fmt: skip
     documented = {(m, p) for p, ops in document["paths"].items() for m in ops if m != "parameters"}
     assert documented == routes

@@ -40,6 +40,7 @@ from routines.models import (
     Run,
     RunStatus,
     ScheduleTrigger,
+    StepStatus,
     TimerTrigger,
     idempotency_key,
     scheduled_run_id,
@@ -334,9 +335,10 @@ def test_a_killed_workers_attempt_is_taken_over_after_its_lease_never_before(
     dying = DiesAfterStart(rig.backend)
     rig.pump(lambda: dying.died, dispatchers=[rig.dispatcher(dying, owner="doomed")], visibility=1)
     claimed = rig.run(message)
-    assert (claimed.status, claimed.progress.lease_owner) == (RunStatus.running, "doomed")
-    assert claimed.progress.lease_until is not None
-    lease_end = claimed.progress.lease_until.timestamp()
+    lease = claimed.progress.steps["step1"]
+    assert (claimed.status, lease.lease_owner) == (RunStatus.running, "doomed")
+    assert lease.lease_until is not None
+    lease_end = lease.lease_until.timestamp()
 
     rig.pump(rig.finished(message), visibility=1)
     run = rig.run(message)
@@ -373,7 +375,7 @@ def test_500_500_200_succeeds_on_attempt_3_after_the_configured_delays(rig: Rig)
     rig.pump(rig.finished(message))
     run = rig.run(message)
     assert (run.status, run.attempt, run.max_attempts, run.error_message) == (RunStatus.succeeded, 3, 4, None)
-    assert run.actions[0].status is RunStatus.succeeded and run.actions[0].error_message is None
+    assert run.actions[0].status is StepStatus.succeeded and run.actions[0].error_message is None
     retries = rig.queue.of(message.run_id, "retry")
     assert [(s.delay, s.message.attempt) for s in retries] == [(1.0, 2), (2.0, 3)]
     for sent in retries:
@@ -395,7 +397,7 @@ def test_400_fails_on_attempt_1_without_retry(rig: Rig) -> None:
     run = rig.run(message)
     assert (run.status, run.attempt) == (RunStatus.failed, 1)
     assert run.error_message is not None and "400" in run.error_message and "bad input" in run.error_message
-    assert run.actions[0].status is RunStatus.failed
+    assert run.actions[0].status is StepStatus.failed
     assert len(rig.agent.starts()) == 1
     assert rig.queue.of(message.run_id, "retry") == []
 
@@ -487,7 +489,9 @@ def test_202_then_polling_succeeds_through_poll_messages(rig: Rig) -> None:
     polls = rig.queue.of(message.run_id, "poll")
     assert [(s.delay, s.message.attempt) for s in polls] == [(1.0, 1), (1.0, 1)]
     assert polls[0].run is not None and polls[0].run.status is RunStatus.running
-    assert polls[0].run.progress.lease_owner is None, "a pending run holds no lease: polls carry it"
+    assert polls[0].run.progress.steps["step1"].lease_owner is None, (
+        "a pending run holds no lease: polls carry it"
+    )
     [start] = [d for d in rig.delivered(message.run_id) if d.kind == "fire"]
     assert start.seconds < 0.5, "the start returned at once"
 

@@ -26,6 +26,8 @@ from routines.models import (
     RunStatus,
     RunTrigger,
     ScheduleTrigger,
+    StepProgress,
+    StepStatus,
     TimerTrigger,
     idempotency_key,
     manual_run_id,
@@ -368,7 +370,7 @@ def test_action_input(value: Any, valid: bool) -> None:
     assert all(loc[0] == "input" for loc in error_locs(caught.value))
 
 
-@pytest.mark.parametrize(("count", "valid"), [(0, False), (1, True), (10, True), (11, False)])
+@pytest.mark.parametrize(("count", "valid"), [(0, False), (1, True), (20, True), (21, False)])  # SPEC 11: 20
 def test_action_count(count: int, valid: bool) -> None:
     actions = [{"type": "invocation", "agent_id": f"a{i}", "input": "x"} for i in range(count)]
     if valid:
@@ -582,8 +584,19 @@ def test_run_json_shape() -> None:
         started_at=scheduled + timedelta(seconds=1, microseconds=500_000),
         ended_at=scheduled + timedelta(minutes=1, seconds=5),
         idempotency_key=idempotency_key("rt_0f3c2a9d6b1e4c7a", scheduled),
-        actions=[ActionResult(index=0, status=RunStatus.succeeded, agent_run_id="run_abc", output="done")],
-        progress=RunProgress(lease_owner="me", holds_slot=True),
+        actions=[
+            ActionResult(
+                index=0,
+                id="step1",
+                status=StepStatus.succeeded,
+                attempt=2,
+                started_at=scheduled + timedelta(seconds=1, microseconds=500_000),
+                ended_at=scheduled + timedelta(minutes=1, seconds=5),
+                agent_run_id="run_abc",
+                output="done",
+            )
+        ],
+        progress=RunProgress(steps={"step1": StepProgress(lease_owner="me")}, holds_slot=True),
     )
     body = run.public()
     assert "progress" not in body
@@ -594,11 +607,18 @@ def test_run_json_shape() -> None:
     assert body["actions"] == [
         {
             "index": 0,
+            "id": "step1",
             "status": "succeeded",
+            "attempt": 2,
+            "started_at": "2026-11-30T06:00:01.500Z",
+            "ended_at": "2026-11-30T06:01:05Z",
+            "next_attempt_at": None,
             "agent_run_id": "run_abc",
             "thread_id": None,
             "output": "done",
             "error_message": None,
+            "comment": None,
+            "decided_at": None,
         }
     ]
 

@@ -8,7 +8,12 @@ between any two storage calls, clock jumps, agents that answer, stay pending or 
 - at most one agent start per attempt (a worker that died after starting the agent lets the attempt
   be started once more, with the same idempotency key: the takeover);
 - one run per fire: no two runs of a routine share a scheduled time, and every fire of a routine
-  nobody edited has its run.
+  nobody edited has its run;
+- with step graphs (a chain, a diamond whose two middle steps run in parallel, an approval that is
+  approved, rejected or left to time out): each step attempt is started at most once (the same
+  bound), a run once terminal never changes again (terminal exactly once), and in a run that
+  succeeded every step that was ready ran: each step succeeded or was skipped by its condition, or
+  failed with its failure handler run.
 """
 
 from __future__ import annotations
@@ -100,6 +105,23 @@ class ScriptedAgent:
         return None
 
 
+AGENT = {"type": "invocation", "agent_id": "a"}
+SHAPES: dict[str, list[dict[str, Any]]] = {
+    "diamond": [
+        {**AGENT, "id": "draft", "input": "x"},
+        {**AGENT, "id": "us", "after": ["draft"], "input": {"d": "{{steps.draft.output}}"}},
+        {**AGENT, "id": "eu", "after": ["draft"], "input": "eu"},
+        {**AGENT, "id": "sum", "after": ["us", "eu"], "input": "{{steps.us.output}} {{steps.eu.output}}"},
+        {**AGENT, "id": "fix", "after": ["sum"], "when": {"step": "sum", "status": "failed"}, "input": "f"},
+    ],
+    "approval": [
+        {**AGENT, "id": "draft", "input": "x"},
+        {"type": "approval", "id": "ok", "timeout_seconds": 20},
+        {**AGENT, "id": "send", "input": "{{steps.draft.output}}"},
+    ],
+}
+
+
 class Scheduling(RuleBasedStateMachine):
     @initialize(seed=st.integers(0, 2**32 - 1))
     def build(self, seed: int) -> None:
@@ -122,6 +144,7 @@ class Scheduling(RuleBasedStateMachine):
         self.created_at: dict[str, datetime] = {}
         self.next_tick = T0
         self.next_repair = T0
+        self.terminal: dict[str, dict[str, Any]] = {}
 
     # --- the API ------------------------------------------------------------------------------
     def _call(self, handler: Any, method: str, body: Any = None, **params: str) -> Any:
@@ -137,8 +160,9 @@ class Scheduling(RuleBasedStateMachine):
         every=st.sampled_from([3, 5, 7, 10]),
         overlap=st.sampled_from(["skip", "buffer_one", "allow_all"]),
         ahead=st.integers(1, 8),
+        shape=st.sampled_from(["v1", "v1", "diamond", "approval"]),
     )
-    def create(self, kind: str, every: int, overlap: str, ahead: int) -> None:
+    def create(self, kind: str, every: int, overlap: str, ahead: int, shape: str) -> None:
         if kind == "seconds":
             trigger: dict[str, Any] = {"type": "schedule", "cron_expression": f"*/{every} * * * * *"}
         else:
@@ -147,7 +171,9 @@ class Scheduling(RuleBasedStateMachine):
         body = {
             "name": f"r{len(self.routines)}",
             "trigger": trigger,
-            "actions": [{"type": "invocation", "agent_id": "a", "input": "x"}]
+            "actions": SHAPES[shape]
+            if shape != "v1"
+            else [{"type": "invocation", "agent_id": "a", "input": "x"}]
             + ([{"type": "response", "agent_id": "b", "input": "y"}] if every == 7 else []),
             "overlap_policy": overlap,
             "retry_policy": {"max_attempts": 3, "delays_seconds": [2, 5], "max_age_seconds": 600},
@@ -181,6 +207,19 @@ class Scheduling(RuleBasedStateMachine):
         else:
             actions = [{"type": "invocation", "agent_id": "c", "input": "z"}] * self.rng.choice([1, 3])
             self._call(self.api.patch_routine, "PATCH", {"actions": actions}, id=rid)
+
+    @precondition(lambda self: bool(self.routines))
+    @rule(which=st.integers(0, 50), verb=st.sampled_from(["approve", "reject"]))
+    def decide_approval(self, which: int, verb: str) -> None:
+        """A person decides a waiting approval (racing the dispatcher, the timeout, the repair pass)."""
+        rid = self.routines[which % len(self.routines)]
+        with contextlib.suppress(Killed):
+            for run in self.store.list_runs(rid, None, 20, None).items:
+                for step in run.actions:
+                    if step.status is models.StepStatus.waiting:
+                        handler = self.api.approve_step if verb == "approve" else self.api.reject_step
+                        self._call(handler, "POST", id=rid, run_id=run.id, step_id=step.id)
+                        return
 
     # --- time, the host's triggers, the queue -------------------------------------------------
     @rule(seconds=st.integers(0, 40))
@@ -240,6 +279,16 @@ class Scheduling(RuleBasedStateMachine):
         self.clock.now = max(self.clock.now, end)
 
     @invariant()
+    def terminal_exactly_once(self) -> None:
+        for rid in self.routines:
+            for run in self.store.list_runs(rid, None, 200, None).items:
+                seen = self.terminal.get(run.id)
+                if seen is not None:
+                    assert run.public() == seen, f"run {run.id} changed after it ended"
+                elif run.status.terminal:
+                    self.terminal[run.id] = run.public()
+
+    @invariant()
     def never_two_starts_of_one_attempt(self) -> None:
         for key, count in self.agent.starts.items():
             assert count <= 1 + self.agent.allowed_restarts[key], f"attempt {key} started {count} times"
@@ -272,6 +321,18 @@ class Scheduling(RuleBasedStateMachine):
         )
         assert [k for k, n in per_fire.items() if n > 1] == [], "one run per fire"
         self.never_two_starts_of_one_attempt()
+        self.terminal_exactly_once()
+        for r in runs:  # every step that was ready ran: a succeeded run has no step left behind
+            if r.status is models.RunStatus.succeeded:
+                statuses = {a.id: a.status.value for a in r.actions}
+                failed = {k for k, v in statuses.items() if v == "failed"}
+                assert set(statuses.values()) <= {"succeeded", "skipped", "failed"}, (r.id, statuses)
+                # only a failure with a handler that ran (the diamond's "fix") leaves a run succeeded
+                assert (failed <= {"sum"} and statuses.get("fix") != "skipped") or not failed, (
+                    r.id,
+                    statuses,
+                )
+                assert statuses.get("draft", "succeeded") == "succeeded", (r.id, statuses)
         for rid in self.routines:
             if rid in self.edited:
                 continue

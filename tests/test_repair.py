@@ -229,7 +229,7 @@ def test_a_lost_poll_chain_is_polled_again_and_the_run_ends() -> None:
     rid = world.create(trigger={"type": "schedule", "cron_expression": "0 1 12 * * *"})
     world.run_for(70)
     [run] = world.runs(rid)
-    assert run.status is RunStatus.running and run.progress.poll is not None
+    assert run.status is RunStatus.running and run.progress.steps["step1"].poll is not None
     dropped = [m for m in world.queue.due(world.clock() + timedelta(hours=1)) if m.kind == "poll"]
     assert len(dropped) == 1, "the poll chain, now lost"
     world.run_for(400)

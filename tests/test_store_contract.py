@@ -25,6 +25,8 @@ from routines.models import (
     RunProgress,
     RunStatus,
     RunTrigger,
+    StepProgress,
+    StepStatus,
     new_routine_id,
     run_id_for,
 )
@@ -919,26 +921,41 @@ def full_run() -> Run:
         actions=[
             ActionResult(
                 index=0,
-                status=RunStatus.succeeded,
+                id="scan",
+                status=StepStatus.succeeded,
+                attempt=1,
+                started_at=T0 + timedelta(seconds=1),
+                ended_at=T0 + timedelta(seconds=5),
                 agent_run_id="run_abc",
                 thread_id="thread_abc",
                 output="\u2026first 4 KiB\u2026 \U0001f600",
                 error_message=None,
             ),
-            ActionResult(index=1, status=RunStatus.failed, error_message="HTTP 503 from the agent"),
+            ActionResult(
+                index=1,
+                id="review",
+                status=StepStatus.waiting,
+                comment="looks \u2713",
+                decided_at=T0 + timedelta(seconds=9),
+                error_message="HTTP 503 from the agent",
+            ),
         ],
         error_message="HTTP 503 from the agent",
         trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
         progress=RunProgress(
-            lease_owner="host:42:abcd",
-            lease_until=T0 + 11 * MINUTE,
-            action_index=1,
-            poll={"location": "http://agent/runs/1", "attempt": 2, "nested": {"k": [1, "x"]}},
-            poll_deadline=T0 + 20 * MINUTE,
+            steps={
+                "step2": StepProgress(
+                    lease_owner="host:42:abcd",
+                    lease_until=T0 + 11 * MINUTE,
+                    poll={"location": "http://agent/runs/1", "attempt": 2, "nested": {"k": [1, "x"]}},
+                    poll_deadline=T0 + 20 * MINUTE,
+                    attempt_started_at=T0 + timedelta(seconds=1),
+                    decide_by=T0 + 30 * MINUTE,
+                )
+            },
             input_override={"instructions": "override"},
             routine_version=9,
             holds_slot=True,
-            attempt_started_at=T0 + timedelta(seconds=1),
         ),
     )
 

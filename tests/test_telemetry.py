@@ -196,9 +196,12 @@ def test_one_trace_covers_tick_fire_dispatches_retry_and_agent_calls(otel: Otel,
     assert tick_span.parent is None
     assert parent_id(fire) == tick_span.context.span_id
     assert parent_id(first) == fire.context.span_id
-    assert parent_id(calls[0]) == first.context.span_id
+    # each agent call under its step's span, under the dispatch
+    steps = by_name(spans, "routines.step.start")
+    assert [parent_id(c) for c in calls] == [s.context.span_id for s in steps]
+    assert [parent_id(s) for s in steps] == [first.context.span_id, second.context.span_id]
+    assert [(s.attributes or {})["step.id"] for s in steps] == ["step1", "step1"]
     assert parent_id(second) == first.context.span_id
-    assert parent_id(calls[1]) == second.context.span_id
     assert [s.kind for s in (tick_span, fire, first, second, calls[0])] == [
         SpanKind.SERVER,
         SpanKind.PRODUCER,
@@ -248,7 +251,9 @@ def test_status_polls_join_the_trace(otel: Otel, agent: FakeAgent) -> None:
     }
     # The poll message is sent by the dispatch that started the agent, and re-sent unchanged.
     assert [parent_id(s) for s in dispatch_polls] == [first.context.span_id] * 2
-    assert [parent_id(s) for s in agent_polls] == [s.context.span_id for s in dispatch_polls]
+    step_polls = by_name(spans, "routines.step.poll")
+    assert [parent_id(s) for s in agent_polls] == [s.context.span_id for s in step_polls]
+    assert [parent_id(s) for s in step_polls] == [s.context.span_id for s in dispatch_polls]
     expected = {"run.id": run.id, "agent.id": AGENT, "routine.name": "nightly-scan"}
     assert expected.items() <= dict(agent_polls[0].attributes or {}).items()
     assert (
