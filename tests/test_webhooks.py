@@ -567,7 +567,8 @@ def test_the_hook_route_is_anonymous_and_the_management_routes_are_not(
     anonymous = {route for route, level in levels.items() if level.lower().endswith("anonymous")}
     assert "hooks/{key}" in anonymous
     assert "routines" in levels and "routines" not in anonymous
-    assert anonymous <= {"hooks/{key}", "health", "openapi.json"} | {r for r in levels if r.startswith("ui")}
+    public = {"hooks/{key}", "health", "openapi.json"}  # and the dashboard's files, and /api/foundry (Entra)
+    assert anonymous <= public | {r for r in levels if r.startswith(("ui", "foundry/"))}
 
 
 def test_a_redelivery_inside_the_debounce_window_does_not_fold_again(world: World) -> None:
