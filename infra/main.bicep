@@ -273,7 +273,7 @@ module keyVaultRbac './app/keyvault-rbac.bicep' = if (!empty(webhookKeyVaultName
   }
 }
 
-// One Key Vault reference per webhook secret setting (names chosen by the user, SPEC 16).
+// One Key Vault reference per webhook secret setting (names chosen by the user).
 var webhookSecretReferences = toObject(
   items(webhookSecretUris),
   entry => entry.key,

@@ -6,7 +6,7 @@ what to do next: load something it needs (``Load``), wait out an early arrival (
 run (``Write``, then its effects), or stop (``Done``, with effects). ``routines.dispatcher`` is the
 thin interpreter that performs these against the store, the queue and the agent backend.
 
-A run executes a graph of steps (SPEC 11; a version-1 list of actions is a chain). The run is
+A run executes a graph of steps (README "Steps"; a version-1 list of actions is a chain). The run is
 claimed once (the overlap slot, the snapshot); then each step attempt is claimed on its own. Whenever
 a step ends, the steps whose dependencies are all done are decided together (``_advance``): skipped
 (a ``when`` that does not hold, a failed dependency nobody handles), ``waiting`` (an approval), or

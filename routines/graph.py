@@ -1,4 +1,4 @@
-"""The step graph of a routine (SPEC 11), as pure functions: ids and dependencies, the rules a
+"""The step graph of a routine (README "Steps"), as pure functions: ids and dependencies, the rules a
 routine's steps must follow (checked when it is written), and the rules that decide, when a step's
 dependencies are done, whether it runs or is skipped.
 

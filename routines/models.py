@@ -141,7 +141,7 @@ class TimerTrigger(Model):
 
 
 class EventCondition(Model):
-    """A condition on a webhook delivery's JSON body (SPEC 12): ``path`` is a dot path into it (list
+    """A condition on a webhook delivery's JSON body: ``path`` is a dot path into it (list
     items by index; absent: the whole body). A path that is not there makes every ``op`` false but
     ``exists`` (``value: false`` asks for absence)."""
 
@@ -226,7 +226,7 @@ ConditionOp = Literal["eq", "ne", "in", "contains", "gt", "gte", "lt", "lte", "e
 
 
 class Condition(CompactModel):
-    """``when`` of a step (SPEC 11): on an earlier step's ``status``, and/or on its output parsed as
+    """``when`` of a step (README "Steps"): on an earlier step's ``status``, and/or on its output parsed as
     JSON (``path`` a dot path into it; absent: the whole output) compared with ``op`` and ``value``."""
 
     step: StepId
@@ -251,7 +251,7 @@ class Condition(CompactModel):
 
 
 class _Step(CompactModel):
-    """What every step has (SPEC 11): an ``id`` (default ``step<position>``), ``after`` (the ids it
+    """What every step has (README "Steps"): an ``id`` (default ``step<position>``), ``after`` (the ids it
     waits for; absent: the step before it) and ``when`` (conditions on earlier steps)."""
 
     id: StepId | None = None

@@ -1,4 +1,4 @@
-"""``{{...}}`` placeholders in step inputs (SPEC 11), as pure functions: find and check them when a
+"""``{{...}}`` placeholders in step inputs (README "Steps"), as pure functions: find and check them when a
 routine is written, substitute them before each agent call.
 
 Namespaces: ``steps.<id>.output`` (``.output.<path>``: a dot path into the output parsed as JSON),

@@ -370,7 +370,7 @@ def test_action_input(value: Any, valid: bool) -> None:
     assert all(loc[0] == "input" for loc in error_locs(caught.value))
 
 
-@pytest.mark.parametrize(("count", "valid"), [(0, False), (1, True), (20, True), (21, False)])  # SPEC 11: 20
+@pytest.mark.parametrize(("count", "valid"), [(0, False), (1, True), (20, True), (21, False)])  # at most 20
 def test_action_count(count: int, valid: bool) -> None:
     actions = [{"type": "invocation", "agent_id": f"a{i}", "input": "x"} for i in range(count)]
     if valid:

@@ -1,4 +1,4 @@
-"""Steps (SPEC 11) end to end on the in-memory store with a fake clock: the API, the dispatcher, the
+"""Steps (README "Steps") end to end on the in-memory store with a fake clock: the API, the dispatcher, the
 repair pass and a scripted agent. Parallel branches, conditions, outputs passed on, per-step retries,
 approvals (approve, reject, timeout), the snapshot, and two steps finishing at once.
 

@@ -356,7 +356,7 @@ def test_api_errors_are_shown_as_messages(page: Page, host: str, api: Api) -> No
 
 def test_waiting_steps_can_be_approved_or_rejected(page: Page, host: str) -> None:
     # The steps feature has not landed in this branch: the API answers are stubbed in the browser,
-    # in the shape SPEC section 11 gives (run status waiting; actions[] items with id and status).
+    # in the shape docs and README "Steps" give (run status waiting; actions[] items with id and status).
     routine = {
         "id": "rt_stub0000000001",
         "name": "release-gate",

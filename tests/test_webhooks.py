@@ -1,4 +1,4 @@
-"""Webhook triggers (SPEC 12) through the API and the dispatcher, in memory with a fake clock: a
+"""Webhook triggers through the API and the dispatcher, in memory with a fake clock: a
 signed delivery becomes one run whose agent input holds the event; redeliveries, filters, debounce,
 and every bad input (which stores and sends nothing)."""
 

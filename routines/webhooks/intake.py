@@ -1,4 +1,4 @@
-"""One webhook delivery in, at most one run out (SPEC 12).
+"""One webhook delivery in, at most one run out (README "Webhook triggers").
 
 A delivery is verified, parsed, deduplicated and filtered, then becomes a run through the path every
 run takes: a watch, then the run (here written together with the delivery's row, so the delivery id
