@@ -210,13 +210,14 @@ def make_routine(
     now: datetime,
     *,
     agent: str = "noop",
+    actions: Sequence[Any] | None = None,
     **fields: Any,
 ) -> Routine:
     return Routine(
         id=rid,
         name=f"b-{rid[3:]}",
         trigger=trigger,
-        actions=[InvocationAction(type="invocation", agent_id=agent, input={"n": rid})],
+        actions=list(actions or [InvocationAction(type="invocation", agent_id=agent, input={"n": rid})]),
         state=RoutineState.enabled,
         created_at=now,
         updated_at=now,

@@ -26,7 +26,7 @@ from common import say
 from routines import scheduler
 from routines.agents.http import HttpAgentBackend
 from routines.dispatcher import Dispatcher
-from routines.models import OverlapPolicy, RunStatus
+from routines.models import InvocationAction, OverlapPolicy, RunStatus
 from routines.runtime import storage_clients
 from routines.store.tables import TableStore
 from tests.fake_agent import FakeAgent, Reply
@@ -44,6 +44,7 @@ def measure(
     agent_name: str = "noop",
     overlap: OverlapPolicy = OverlapPolicy.skip,
     timeout: float = 60,
+    actions: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``fires`` fires through tick, receive, dispatch and delete; count requests per phase."""
     counter = common.RequestCounter()
@@ -66,6 +67,7 @@ def measure(
             now,
             agent=agent_name,
             overlap_policy=overlap,
+            actions=actions,
         )
         for i in range(fires)
     ]
@@ -141,9 +143,24 @@ def main() -> None:
         variants.append(
             ("202 then done at 1st poll, skip", measure(conn, agent, "poll", fires, agent_name="pending"))
         )
+        # The README's steps example in small: a, then b and c in parallel, then d with both outputs.
+        diamond = [
+            InvocationAction.model_validate(
+                {"type": "invocation", "id": step, "after": after, "agent_id": "noop", "input": text}
+            )
+            for step, after, text in (
+                ("a", [], "triage"),
+                ("b", ["a"], "scan {{steps.a.output}}"),
+                ("c", ["a"], "scan {{steps.a.output}}"),
+                ("d", ["b", "c"], "sum {{steps.b.output}} {{steps.c.output}}"),
+            )
+        ]
+        steps = fires // 4
+        variants.append(("4 steps a -> b, c -> d, skip", measure(conn, agent, "dag", steps, actions=diamond)))
+        step_variant = variants[-1][1]
         starts = agent.starts()
         duplicates = agent.duplicate_starts()
-    assert len(starts) == 3 * fires and not duplicates, (len(starts), duplicates)
+    assert len(starts) == 3 * fires + 4 * steps and not duplicates, (len(starts), duplicates)
     common.save_json("requests_per_fire", variants)
 
     headers = ("variant", "tick", "receive", "dispatch", "delete", "total per fire", "messages per fire")
@@ -168,6 +185,8 @@ def main() -> None:
     say(f"by kind, per fire (default variant): {kinds}")
     say(f"idle (empty) receives while waiting: {[v['idle_receives'] for _, v in variants]}")
     say(f"target <= 8 per fire: {'met' if met else 'MISSED'} ({main_variant['per_fire']:.2f})")
+    per_step = step_variant["per_fire"] / 4
+    say(f"4-step graph: {step_variant['per_fire']:.2f} per fire, {per_step:.2f} per step")
     if args.no_doc:
         return
     idle = ", ".join(str(v["idle_receives"]) for _, v in variants)
@@ -201,6 +220,9 @@ whatever the overlap policy: the overlap slot's claim and release ride in the ru
 
 - At most 8 requests per fire: {common.verdict(met)} ({main_variant["per_fire"]:.2f} with the default
   policy; {variants[1][1]["per_fire"]:.2f} with `allow_all`, which is the design minimum).
+- A routine of 4 steps (a, then b and c in parallel, then d using both outputs):
+  {step_variant["per_fire"]:.2f} requests per fire, **{per_step:.2f} per step**: each step after the
+  first costs its own start message (send, receive share, delete), its lease and its outcome write.
 - A 202 run costs {variants[2][1]["per_fire"] - main_variant["per_fire"]:.2f} more per fire for one poll
   (write the pending state, send the poll message, receive + delete it, read the run and the routine).
 """,
