@@ -139,6 +139,20 @@ class DecisionRequest(Model):
     comment: str | None = pydantic.Field(default=None, max_length=2000)
 
 
+# Domain errors as problem responses, first match wins (Invalid before its base ValidationError).
+_PROBLEMS: tuple[tuple[type[RoutinesError], int, str], ...] = (
+    (Invalid, 422, "Invalid request"),
+    (NotFound, 404, "Not found"),
+    (Conflict, 409, "Conflict"),
+    (PreconditionFailed, 412, "Precondition failed"),
+    (ValidationError, 400, "Bad request"),
+    (StorageUnavailable, 503, "Storage unavailable"),
+    (Unauthorized, 401, "Unauthorized"),
+    (TooLarge, 413, "Payload too large"),
+    (SecretUnavailable, 503, "Webhook secret unavailable"),
+)
+
+
 class Api:
     def __init__(
         self, store: Store, queue: DispatchQueue, settings: Settings, clock: Callable[[], datetime] = now_utc
@@ -153,24 +167,11 @@ class Api:
             return handler(request)
         except ApiError as exc:
             return problem(exc.status, exc.title, exc.detail, exc.errors)
-        except Invalid as exc:
-            return problem(422, "Invalid request", str(exc), exc.errors)
-        except NotFound as exc:
-            return problem(404, "Not found", str(exc))
-        except Conflict as exc:
-            return problem(409, "Conflict", str(exc))
-        except PreconditionFailed as exc:
-            return problem(412, "Precondition failed", str(exc))
-        except ValidationError as exc:
-            return problem(400, "Bad request", str(exc), exc.errors)
-        except StorageUnavailable as exc:
-            return problem(503, "Storage unavailable", str(exc))
-        except Unauthorized as exc:
-            return problem(401, "Unauthorized", str(exc))
-        except TooLarge as exc:
-            return problem(413, "Payload too large", str(exc))
-        except SecretUnavailable as exc:
-            return problem(503, "Webhook secret unavailable", str(exc))
+        except RoutinesError as exc:
+            for kind, status, title in _PROBLEMS:
+                if isinstance(exc, kind):
+                    return problem(status, title, str(exc), getattr(exc, "errors", None) or None)
+            raise
 
     def _context(self, now: datetime) -> dict[str, Any]:
         return {"min_interval_seconds": self.settings.min_interval_seconds, "now": now}

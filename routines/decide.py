@@ -1082,14 +1082,19 @@ def repair(run: Run | None, watch_fire: DispatchMessage, now: datetime, repair_a
     sends: list[DispatchMessage] = []
     checks: list[datetime] = []
     why: list[str] = []
+
+    def overdue(due: datetime, message: DispatchMessage, reason: str) -> None:
+        """Check again at ``due``; once it has passed, send ``message`` again (and check later)."""
+        if due > now:
+            checks.append(due)
+        else:
+            sends.append(message)
+            checks.append(later)
+            why.append(reason)
+
     if _owed(run):
         ended = max((r.ended_at for r in run.actions if r.ended_at), default=run.started_at or now)
-        if ended + repair_after > now:
-            checks.append(ended + repair_after)
-        else:
-            sends.append(nudge_message(run))
-            checks.append(later)
-            why.append("run not moved on: nudged")
+        overdue(ended + repair_after, nudge_message(run), "run not moved on: nudged")
     for r in run.actions:
         sp = peek(run, r.id)
         if r.status is StepStatus.running and sp.poll is None:
@@ -1101,27 +1106,13 @@ def repair(run: Run | None, watch_fire: DispatchMessage, now: datetime, repair_a
             why.append(f"{r.id}: lease lapsed: taken over")
         elif r.status is StepStatus.running:
             quiet_until = (sp.polled_at or now) + timedelta(seconds=MAX_POLL_SECONDS) + repair_after
-            if quiet_until > now:
-                checks.append(quiet_until)
-                continue
-            sends.append(step_message(run, r.id, "poll"))
-            checks.append(later)
-            why.append(f"{r.id}: poll chain silent: polled again")
+            overdue(quiet_until, step_message(run, r.id, "poll"), f"{r.id}: poll chain silent: polled again")
         elif r.status is StepStatus.waiting:
             due = (sp.decide_by or now) + repair_after
-            if due > now:
-                checks.append(due)
-                continue
-            sends.append(step_message(run, r.id, "poll"))
-            checks.append(later)
-            why.append(f"{r.id}: approval timeout lost: sent again")
+            overdue(due, step_message(run, r.id, "poll"), f"{r.id}: approval timeout lost: sent again")
         elif r.status is StepStatus.pending and (r.next_attempt_at or sp.sent_at):
             due = (r.next_attempt_at or sp.sent_at or now) + repair_after
-            if due > now:
-                checks.append(due)
-                continue
-            sends.append(step_message(run, r.id, "retry", r.attempt + 1))
-            checks.append(later)
-            why.append(f"{r.id}: start message lost: sent again")
+            retry = step_message(run, r.id, "retry", r.attempt + 1)
+            overdue(due, retry, f"{r.id}: start message lost: sent again")
     check_at = min(checks) if checks else later
     return Repair(tuple(sends), check_at, "; ".join(why) or "in flight")

@@ -347,24 +347,20 @@ def document() -> dict[str, Any]:
                 },
             }
         },
-        "/api/routines/{id}/runs/{run_id}/steps/{step_id}/approve": {
-            "post": _op(
-                "Approve a waiting approval step",
-                200,
-                _ref("Run"),
-                (400, 404, 409, 413, 415, 422),
-                "DecisionRequest",
-                (_ID, _RUN_ID, _STEP_ID),
-            )
-        },
-        "/api/routines/{id}/runs/{run_id}/steps/{step_id}/reject": {
-            "post": _op(
-                "Reject a waiting approval step (the step fails)",
-                200,
-                _ref("Run"),
-                (400, 404, 409, 413, 415, 422),
-                "DecisionRequest",
-                (_ID, _RUN_ID, _STEP_ID),
+        **{
+            f"/api/routines/{{id}}/runs/{{run_id}}/steps/{{step_id}}/{verb}": {
+                "post": _op(
+                    summary,
+                    200,
+                    _ref("Run"),
+                    (400, 404, 409, 413, 415, 422),
+                    "DecisionRequest",
+                    (_ID, _RUN_ID, _STEP_ID),
+                )
+            }
+            for verb, summary in (
+                ("approve", "Approve a waiting approval step"),
+                ("reject", "Reject a waiting approval step (the step fails)"),
             )
         },
         "/api/preview": {

@@ -85,23 +85,14 @@ class FoundryBackend:
         poll_interval: float = POLL_INTERVAL_SECONDS,
         clock: Clock = utc_now,
     ) -> None:
-        policies = list(per_call_policies or [])
-        self.named: NamedAgents = NamedAgents(
-            endpoint,
-            credential,
-            per_call_policies=policies,
-            timeout=timeout,
-            poll_interval=poll_interval,
-            clock=clock,
-        )
-        self.classic: ClassicAgents = ClassicAgents(
-            endpoint,
-            credential,
-            per_call_policies=policies,
-            timeout=timeout,
-            poll_interval=poll_interval,
-            clock=clock,
-        )
+        options: dict[str, Any] = {
+            "per_call_policies": list(per_call_policies or []),
+            "timeout": timeout,
+            "poll_interval": poll_interval,
+            "clock": clock,
+        }
+        self.named: NamedAgents = NamedAgents(endpoint, credential, **options)
+        self.classic: ClassicAgents = ClassicAgents(endpoint, credential, **options)
 
     def start(self, call: AgentCall) -> AgentOutcome:
         """Start the agent run for ``call``; pending with a handle (or done). Raises ``AgentError``."""
