@@ -34,8 +34,9 @@ reached a worker, bounded), and it checks:
   reached a worker only after the schedule that made them ended (docs/guarantees.md #4: the worker logged
   dropping them as stale, or as of a deleted routine, after the change), fires coalesced by a tick that
   found them past (only in a window no successful tick planned ahead), fires recorded ``missed``, and
-  fires inside the few hundred milliseconds a DELETE was in flight (the client cannot know the
-  server's instant); every timer ran once at its ``at`` and ended ``completed``;
+  fires of the schedule an edit (PATCH, enable, disable, DELETE) replaced that were due while the edit
+  was in flight: the server stamps an edit before its write lands, and the client cannot know when it
+  landed, so such a fire may run or not; every timer ran once at its ``at`` and ended ``completed``;
 * every run is terminal; no scheduled run at a time no schedule held; every manual dispatch has its
   run; no dispatch message in the poison queue;
 * at most one agent start per (idempotency key, attempt). Each worker incarnation calls the agent under
@@ -226,7 +227,10 @@ class Soak:
     disabled_at: dict[str, datetime] = field(default_factory=dict)
     # routine id -> [(server time, trigger in force from then or None, what)], in order
     history: dict[str, list[tuple[datetime, dict[str, Any] | None, str]]] = field(default_factory=dict)
-    fuzzy: dict[str, list[tuple[datetime, datetime]]] = field(default_factory=dict)  # DELETEs in flight
+    # routine id -> [(sent, answered, the trigger in force before)]: edits in flight. The server's
+    # instant of an edit (``updated_at``) is taken before its write lands, so a fire of the old
+    # schedule due while the request was in flight may run or not: whichever landed first won.
+    fuzzy: dict[str, list[tuple[datetime, datetime, dict[str, Any] | None]]] = field(default_factory=dict)
     dispatched: dict[str, str] = field(default_factory=dict)  # manual run id -> routine id
     churned: Counter[str] = field(default_factory=Counter)
     drained: bool = False
@@ -346,10 +350,16 @@ class Soak:
         self.created[routine["id"]] = routine
         self.history[routine["id"]] = [(utc(routine["created_at"]), routine["trigger"], "create")]
 
-    def _changed(self, routine: dict[str, Any], what: str) -> None:
+    def _changed(self, routine: dict[str, Any], what: str, sent: datetime) -> None:
+        self._in_flight(routine["id"], sent)
         trigger = routine["trigger"] if routine["state"] == "enabled" else None
         self.history[routine["id"]].append((utc(routine["updated_at"]), trigger, what))
         self.churned[what] += 1
+
+    def _in_flight(self, routine_id: str, sent: datetime) -> None:
+        """An edit of ``routine_id`` sent at ``sent`` has just been answered."""
+        before = self.history[routine_id][-1][1]
+        self.fuzzy.setdefault(routine_id, []).append((sent, datetime.now(UTC), before))
 
     def _create(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -388,19 +398,19 @@ class Soak:
                 self.churned["cron created"] += 1
             else:
                 rid = self.rng.choice(self._live())
+                sent = datetime.now(UTC)
                 if action == "patch":
                     trigger = {"type": "schedule", "cron_expression": self.rng.choice(CHURN_CRONS + CRONS)}
-                    self._changed(self.api.call("PATCH", f"/routines/{rid}", {"trigger": trigger}), "patch")
+                    routine = self.api.call("PATCH", f"/routines/{rid}", {"trigger": trigger})
+                    self._changed(routine, "patch", sent)
                 elif action == "toggle":
                     enabled = self.history[rid][-1][1] is not None
                     verb = "disable" if enabled else "enable"
-                    self._changed(self.api.call("POST", f"/routines/{rid}/{verb}"), verb)
+                    self._changed(self.api.call("POST", f"/routines/{rid}/{verb}"), verb, sent)
                 elif action == "delete":
-                    before = datetime.now(UTC)
                     self.api.call("DELETE", f"/routines/{rid}")
-                    after = datetime.now(UTC)
-                    self.history[rid].append((before, None, "delete"))
-                    self.fuzzy.setdefault(rid, []).append((before, after))
+                    self._in_flight(rid, sent)
+                    self.history[rid].append((sent, None, "delete"))
                     self.churned["delete"] += 1
                 elif self.history[rid][-1][1] is not None:  # dispatch, on an enabled routine
                     run = self.api.call("POST", f"/routines/{rid}/dispatch", {})
@@ -515,7 +525,9 @@ class Soak:
     # -- the end ---------------------------------------------------------------------------------
     def disable_all(self) -> None:
         for routine_id in self._live():
+            sent = datetime.now(UTC)
             disabled = self.api.call("POST", f"/routines/{routine_id}/disable")
+            self._in_flight(routine_id, sent)
             self.disabled_at[routine_id] = utc(disabled["updated_at"])
             self.history[routine_id].append((self.disabled_at[routine_id], None, "disable"))
         self.log("disabled every routine; edits while firing: " + json.dumps(dict(self.churned)))
@@ -573,7 +585,10 @@ class Soak:
             "history": {
                 k: [(t.isoformat(), trigger, what) for t, trigger, what in v] for k, v in self.history.items()
             },
-            "fuzzy": {k: [(a.isoformat(), b.isoformat()) for a, b in v] for k, v in self.fuzzy.items()},
+            "fuzzy": {
+                k: [(a.isoformat(), b.isoformat(), trigger) for a, b, trigger in v]
+                for k, v in self.fuzzy.items()
+            },
             "dispatched": self.dispatched,
             "churned": dict(self.churned),
             "kills": [[k.incarnation, k.at] for k in self.kills],
@@ -596,7 +611,9 @@ class Soak:
         soak.history = {
             k: [(utc(t), trigger, what) for t, trigger, what in v] for k, v in state["history"].items()
         }
-        soak.fuzzy = {k: [(utc(a), utc(b)) for a, b in v] for k, v in state["fuzzy"].items()}
+        soak.fuzzy = {
+            k: [(utc(a), utc(b), trigger) for a, b, trigger in v] for k, v in state["fuzzy"].items()
+        }
         soak.dispatched = state["dispatched"]
         soak.churned = Counter(state["churned"])
         soak.kills = [Kill(name, at) for name, at in state["kills"]]
@@ -704,6 +721,17 @@ def fires_between(trigger: dict[str, Any] | None, start: datetime, end: datetime
     return found
 
 
+def in_flight_fires(edits: list[tuple[datetime, datetime, dict[str, Any] | None]]) -> set[datetime]:
+    """The fires of the schedule an edit replaced, due while the edit was in flight (from sent to
+    answered): each ran or not depending on whether its worker read the routine before the write
+    landed (docs/guarantees.md #4)."""
+    return {
+        fire
+        for sent, answered, before in edits
+        for fire in fires_between(before, sent, answered + timedelta(microseconds=1))
+    }
+
+
 def planned_ahead(fire: datetime, since: datetime, ticks: list[datetime]) -> bool:
     """Whether ``fire`` was enqueued ahead of time by the API call that set its schedule (at
     ``since``) or by a successful tick (so it cannot have been coalesced with others)."""
@@ -734,9 +762,9 @@ def check(soak: Soak) -> Report:
     details: list[str] = []
     scheduled: dict[str, datetime] = {}  # idempotency key -> scheduled time, for the lag figures
     never = datetime.max.replace(tzinfo=UTC)
-    timers_wrong = manual_missing = ambiguous = 0
+    timers_wrong = manual_missing = ambiguous = raced = 0
     for routine_id, changes in soak.history.items():
-        fuzzy = soak.fuzzy.get(routine_id, [])
+        in_flight = in_flight_fires(soak.fuzzy.get(routine_id, []))
         # Fire -> (the schedule's start, its end): what was due while each schedule held.
         fires: dict[datetime, tuple[datetime, datetime]] = {}
         for (start, trigger, _), following in zip(changes, [*changes[1:], None], strict=True):
@@ -755,7 +783,9 @@ def check(soak: Soak) -> Report:
             if len(found) > 1:
                 duplicate_runs += 1
                 details.append(f"duplicate runs {routine_id} {when}: {[r.id for r in found]}")
-            if when not in fires and not any(a <= when <= b for a, b in fuzzy):
+            if when not in fires and when in in_flight:
+                raced += 1
+            elif when not in fires:
                 unexpected += len(found)
                 details.append(f"run at a time no schedule held {routine_id} {when}: {found[0].status.value}")
         for fire, (start, end) in sorted(fires.items()):
@@ -766,7 +796,7 @@ def check(soak: Soak) -> Report:
                 missed += 1
             elif dropped_at is not None and end != never and dropped_at >= end - timedelta(seconds=1):
                 dropped += 1  # reached a worker after its schedule ended: not run (docs/guarantees.md #4)
-            elif any(a <= fire <= b for a, b in fuzzy):
+            elif fire in in_flight:
                 ambiguous += 1
             elif not planned_ahead(fire, start, ticks):
                 coalesced += 1
@@ -840,7 +870,10 @@ def check(soak: Soak) -> Report:
         ("runs", sum(by_status.values())),
         *((f"  {status}", by_status[status]) for status in sorted(by_status)),
         ("fires dropped after their schedule ended (docs/guarantees.md #4)", dropped),
-        ("fires while a DELETE was in flight, not run", ambiguous),
+        (
+            "fires of a replaced schedule due while its edit was in flight: run / not run",
+            f"{raced} / {ambiguous}",
+        ),
         ("fires coalesced (tick found them past)", coalesced),
         ("fires recorded missed", missed),
         ("agent calls", f"{len(calls)}: " + ", ".join(f"{n} {k}s" for k, n in sorted(kinds.items()))),

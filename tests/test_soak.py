@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def _soak_module() -> Any:
@@ -31,6 +30,8 @@ def _soak_module() -> Any:
     return module
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_two_minute_soak_keeps_every_guarantee(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     soak = _soak_module()
@@ -41,3 +42,14 @@ def test_two_minute_soak_keeps_every_guarantee(tmp_path: Path, capsys: pytest.Ca
         for line in report.details[:30]:
             print("   ", line)
     assert not report.violations, report.violations
+
+
+def test_an_edit_in_flight_excuses_only_its_old_schedule_fires_due_meanwhile() -> None:
+    soak = _soak_module()
+    sent = datetime(2026, 12, 5, 1, 43, 59, 400000, tzinfo=UTC)
+    every_4s = {"type": "schedule", "cron_expression": "*/4 * * * * *"}
+    edits = [(sent, sent + timedelta(seconds=5), every_4s)]  # a PATCH storage kept retrying for 5 s
+    assert soak.in_flight_fires(edits) == {
+        datetime(2026, 12, 5, 1, 44, s, tzinfo=UTC) for s in (0, 4)
+    }  # 01:43:56 was due before the edit was sent, 01:44:08 after its answer
+    assert soak.in_flight_fires([(sent, sent + timedelta(seconds=5), None)]) == set()  # was disabled
