@@ -32,17 +32,20 @@ from routines.errors import (
 )
 from routines.messages import DispatchQueue
 from routines.models import (
+    ROUTINE_ID_PATTERN,
     Model,
     Routine,
     RoutineState,
+    RuleError,
     RunStatus,
     Trigger,
+    check_jitter,
     json_integers,
     now_utc,
     rfc3339_input,
     utc_text,
 )
-from routines.schedule import next_fire_after
+from routines.schedule import jitter_offset, next_fire_after
 from routines.service import Service
 from routines.store import Store
 from routines.webhooks.intake import SecretUnavailable
@@ -105,8 +108,21 @@ class PreviewRequest(Model):
     trigger: Trigger
     after: datetime | None = None
     count: int = pydantic.Field(default=10, ge=1, le=100)
+    # With either, the answer adds each fire's start (``dispatch_at``): the offsets derive from the
+    # routine's id; ``jitter_seconds`` defaults to the routine's.
+    jitter_seconds: int | None = pydantic.Field(default=None, ge=0, le=3600)
+    routine_id: str | None = pydantic.Field(default=None, pattern=ROUTINE_ID_PATTERN.pattern)
 
-    _integers = pydantic.field_validator("count", mode="before")(json_integers)
+    _integers = pydantic.field_validator("count", "jitter_seconds", mode="before")(json_integers)
+
+    @pydantic.model_validator(mode="after")
+    def _jitter_needs_a_routine(self) -> PreviewRequest:
+        if self.jitter_seconds and self.routine_id is None:
+            raise RuleError(
+                ("routine_id",), "is needed with jitter_seconds: each fire's offset derives from it"
+            )
+        check_jitter(self.trigger, self.jitter_seconds or 0)
+        return self
 
     @pydantic.field_validator("after", mode="before")
     @classmethod
@@ -211,11 +227,11 @@ class Api:
             )
         return value
 
-    @staticmethod
     def _routine_response(
-        routine: Routine, status: int = 200, headers: dict[str, str] | None = None
+        self, routine: Routine, status: int = 200, headers: dict[str, str] | None = None
     ) -> Response:
-        return Response(status, routine.public(), {"ETag": f'"{routine.version}"', **(headers or {})})
+        body = routine.as_of(self.clock()).public()
+        return Response(status, body, {"ETag": f'"{routine.version}"', **(headers or {})})
 
     @staticmethod
     def _limit(query: Mapping[str, str]) -> int:
@@ -250,7 +266,9 @@ class Api:
             self._limit(request.query),
             request.query.get("continuation") or None,
         )
-        return Response(200, {"items": [r.public() for r in page.items], "continuation": page.continuation})
+        now = self.clock()
+        items = [r.as_of(now).public() for r in page.items]
+        return Response(200, {"items": items, "continuation": page.continuation})
 
     def get_routine(self, request: Request) -> Response:
         return self._routine_response(self.service.get_routine(request.route_params["id"]))
@@ -356,14 +374,21 @@ class Api:
         except pydantic.ValidationError as exc:
             raise _invalid(exc) from None
         cursor = spec.after or now
-        fires: list[str] = []
+        fires: list[datetime] = []
         while len(fires) < spec.count:
             fire = next_fire_after(spec.trigger, cursor)
             if fire is None:
                 break
-            fires.append(utc_text(fire))
+            fires.append(fire)
             cursor = fire
-        return Response(200, {"fires": fires})
+        body: dict[str, Any] = {"fires": [utc_text(f) for f in fires]}
+        if spec.routine_id is not None or spec.jitter_seconds is not None:
+            jitter = spec.jitter_seconds
+            if jitter is None:
+                jitter = self.service.get_routine(str(spec.routine_id)).jitter_seconds
+            seed = spec.routine_id or ""  # no jitter without a routine id (the request rules)
+            body["dispatch_at"] = [utc_text(f + jitter_offset(seed, f, jitter)) for f in fires]
+        return Response(200, body)
 
     def health(self, request: Request) -> Response:
         try:

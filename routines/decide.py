@@ -132,6 +132,18 @@ class CompleteTimer:
 
 
 @dataclass(frozen=True)
+class CountOutcome:
+    """``pause_after_failures``: count the end of run ``run_id`` (failed or succeeded) in its
+    routine's streak of failures. Before the watch is dropped: a worker that dies in between leaves
+    the watch, and the repair pass counts it (counting a run twice changes nothing)."""
+
+    routine_id: str
+    run_id: str
+    status: RunStatus
+    ended_at: datetime
+
+
+@dataclass(frozen=True)
 class RecordThread:
     routine_id: str
     index: int
@@ -181,6 +193,7 @@ Effect = (
     | PollAgent
     | CancelAgent
     | CompleteTimer
+    | CountOutcome
     | RecordThread
     | Unwatch
     | Finished
@@ -237,8 +250,10 @@ def next_step(f: Facts) -> Step:
 def _start(f: Facts) -> Step:
     m = f.message
     manual = is_manual_run(m.run_id)
-    early = (m.scheduled_for - f.now).total_seconds()
+    early = ((m.dispatch_at or m.scheduled_for) - f.now).total_seconds()
     if m.kind == "fire" and not manual and early > 0 and isinstance(f.run, _Unknown):
+        if early > 2 * MAX_EARLY_WAIT:  # far too early (a copy, a clock step): back to the queue
+            return Done((Send(m, delay_until(m.dispatch_at or m.scheduled_for, f.now)),), "early")
         return Wait(min(early, MAX_EARLY_WAIT))
     if isinstance(f.routine, _Unknown):
         return Load("routine")
@@ -310,6 +325,7 @@ def _create(f: Facts, routine: Routine) -> Step:
         routine_id=routine.id,
         trigger=RunTrigger(routine.trigger.type),
         scheduled_for=m.scheduled_for,
+        dispatch_at=m.dispatch_at,
         status=RunStatus.queued,
         max_attempts=routine.retry_policy.max_attempts,
         idempotency_key=idempotency_key(routine.id, m.scheduled_for),
@@ -415,7 +431,7 @@ def _claim(f: Facts, routine: Routine, run: Run, before: tuple[Effect, ...], *, 
             else:
                 return _overlap(f, routine, run, slot, before, fresh=fresh)
     max_age = plan.retry_policy.max_age_seconds
-    if max_age is not None and now > run.scheduled_for + timedelta(seconds=max_age):
+    if max_age is not None and now > run.due + timedelta(seconds=max_age):
         failed = run if not fresh else run.model_copy(update={"attempt": f.message.attempt})
         return _finish(
             f,
@@ -452,7 +468,7 @@ def _claim_step(
         return _end_cancelled(f, run, f"cancelled: {reason}", before)
     plan = plan_of(run)
     max_age = plan.retry_policy.max_age_seconds
-    if max_age is not None and now > run.scheduled_for + timedelta(seconds=max_age):
+    if max_age is not None and now > run.due + timedelta(seconds=max_age):
         error = (
             f"attempt {attempt} not started: more than max_age_seconds ({max_age}s) after the scheduled time"
         )
@@ -838,9 +854,7 @@ def _failed_step(f: Facts, run: Run, step: str, exc: AgentError) -> Step:
     attempt = result(run, step).attempt
     failed = run.model_copy(deep=True)
     error = f"attempt {attempt}: {str(exc)[:1000]}"
-    decision = retry.decide(
-        plan.retry_policy, attempt, exc.retriable, exc.retry_after, run.scheduled_for, f.now
-    )
+    decision = retry.decide(plan.retry_policy, attempt, exc.retriable, exc.retry_after, run.due, f.now)
     note = Retrying(str(exc), exc.retriable, decision.retry, step)
     r = result(failed, step)
     if not decision.retry:
@@ -871,7 +885,7 @@ def _finish(
             r.status, r.ended_at, r.next_attempt_at = StepStatus.cancelled, f.now, None
     p = run.progress
     final.progress = RunProgress(routine_version=p.routine_version)
-    effects: list[Effect] = [*before, _unwatch(f.message), Finished(status)]
+    effects: list[Effect] = [*before, *_counted(f, run, status), _unwatch(f.message), Finished(status)]
     slot_write = None
     if p.holds_slot:
         if not f.contended and p.slot_etag and isinstance(f.slot, _Unknown):
@@ -885,6 +899,19 @@ def _finish(
                 effects.append(Send(release_message_for(run.routine_id, f.slot.buffered, run)))
     etag = f.etag if isinstance(f.run, Run) and f.run.id == run.id else None
     return Write(final, etag, slot_write, tuple(effects), status.value)
+
+
+def _counted(f: Facts, run: Run, status: RunStatus) -> tuple[Effect, ...]:
+    """The ``CountOutcome`` of a run ending ``status``, when its routine pauses after failures (as
+    the run's snapshot says, else the routine read). A success matters only after failures."""
+    routine = f.routine if isinstance(f.routine, Routine) else None
+    plan = run.progress.plan
+    limit = plan.pause_after_failures if plan else (routine.pause_after_failures if routine else 0)
+    if not limit or status not in (RunStatus.failed, RunStatus.succeeded):
+        return ()
+    if status is RunStatus.succeeded and routine is not None and not routine.failures:
+        return ()
+    return (CountOutcome(run.routine_id, run.id, status, f.now),)
 
 
 def _give_up(f: Facts) -> Step:
@@ -1068,8 +1095,9 @@ def repair(run: Run | None, watch_fire: DispatchMessage, now: datetime, repair_a
     if run is None:
         if is_manual_run(watch_fire.run_id):
             return Repair((), None, "the manual run was never written")
-        if now < watch_fire.scheduled_for + FIRST_CHECK:
-            return Repair((), watch_fire.scheduled_for + FIRST_CHECK, "not due yet")
+        due = (watch_fire.dispatch_at or watch_fire.scheduled_for) + FIRST_CHECK
+        if now < due:
+            return Repair((), due, "not due yet")
         return Repair((watch_fire,), now + FIRST_CHECK, "fire without a run: sent again")
     if run.status.terminal:
         return Repair((), None, "finished")

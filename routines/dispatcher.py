@@ -53,7 +53,7 @@ class PoisonMessage(RoutinesError, ValueError):  # named for what happens to the
 def requeue_delay(message: DispatchMessage, now: datetime) -> float:
     """Back-off for a message re-queued through a storage outage: a quarter of its age, so a long
     outage is retried less often, between ``REQUEUE_MIN`` and ``REQUEUE_MAX`` seconds."""
-    age = (now - message.scheduled_for).total_seconds()
+    age = (now - (message.dispatch_at or message.scheduled_for)).total_seconds()
     return min(REQUEUE_MAX, max(REQUEUE_MIN, age / 4))
 
 
@@ -249,6 +249,9 @@ class Dispatcher:
         elif isinstance(effect, decide.CompleteTimer):
             fired = effect.fired
             self._update_routine(effect.routine_id, lambda r, now: lifecycle.complete_timer(r, fired, now))
+        elif isinstance(effect, decide.CountOutcome):
+            c = effect
+            lifecycle.record_outcome(self.store, c.routine_id, c.run_id, c.status, c.ended_at, self.clock)
         elif isinstance(effect, decide.RecordThread):
             e = effect
             self._update_routine(
@@ -315,9 +318,10 @@ class Dispatcher:
         telemetry.set_attributes({"routine.name": plan.name})
         starting = isinstance(effect, decide.StartAgent)
         if starting and result.attempt == 1:
-            # A first step's lag runs from the scheduled time, a later one's from when it was ready.
+            # A first step's lag runs from the run's due time (its scheduled time, plus jitter), a
+            # later one's from when it was ready.
             later = bool(graph.dependencies(plan.actions)[step])
-            ready = (decide.peek(run, step).ready_at if later else None) or run.scheduled_for
+            ready = (decide.peek(run, step).ready_at if later else None) or run.due
             if later or run.trigger is not RunTrigger.manual:
                 lag = (facts.now - ready).total_seconds()
                 telemetry.record_dispatch_lag(lag, run.trigger.value, step if len(plan.actions) > 1 else None)
@@ -357,21 +361,7 @@ class Dispatcher:
             log.exception("cancelling the agent run of run %s failed", run.id)
 
     def _update_routine(self, routine_id: str, change: Callable[[Routine, datetime], Routine | None]) -> None:
-        for _ in range(5):
-            try:
-                routine, etag = self.store.get_routine(routine_id)
-            except NotFound:
-                return
-            updated = change(routine, self.clock())
-            if updated is None:
-                return
-            try:
-                self.store.replace_routine(updated, etag, routine)
-                return
-            except PreconditionFailed:
-                continue
-            except NotFound:
-                return
+        lifecycle.apply(self.store, routine_id, change, self.clock)
 
     # --- telemetry --------------------------------------------------------------------------
     def _log_finished(self, run: Run) -> None:

@@ -18,16 +18,13 @@ from routines.models import (
     Action,
     ApprovalStep,
     Condition,
+    RuleError,
     StepStatus,
 )
 
 
-class GraphError(ValueError):
+class GraphError(RuleError):
     """A rule of the step graph broken at ``loc`` (within ``actions``)."""
-
-    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
-        super().__init__(msg)
-        self.loc = loc
 
 
 def step_ids(actions: Sequence[Action]) -> list[str]:

@@ -1,6 +1,7 @@
 """Routine lifecycle transitions as pure functions: (routine, ..., now) -> the routine to write, or
 ``None`` for "nothing to change". The API, the tick and the dispatcher all change a routine's state
-through these, so a rule (what enable resets, when a timer completes) lives in one place.
+through these, so a rule (what enable resets, when a timer completes) lives in one place; ``apply``
+performs one against the store (read, change, write on the etag).
 
 Every transition that moves the schedule bumps ``schedule_version``: a fire queued at an older
 version is stale and does not run (docs/guarantees.md #4).
@@ -8,13 +9,22 @@ version is stale and does not run (docs/guarantees.md #4).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING, Literal
 
 import pydantic
 
-from routines.errors import Conflict
-from routines.models import ResponseAction, Routine, RoutineState, TimerTrigger
+from routines import telemetry
+from routines.errors import Conflict, NotFound, PreconditionFailed
+from routines.models import ResponseAction, Routine, RoutineState, RunStatus, TimerTrigger
 from routines.schedule import next_fire_after
+
+if TYPE_CHECKING:
+    from routines.store import Store
+
+log = logging.getLogger(__name__)
 
 
 def _bumped(routine: Routine, now: datetime, *, schedule: bool, **changes: object) -> Routine:
@@ -25,10 +35,20 @@ def _bumped(routine: Routine, now: datetime, *, schedule: bool, **changes: objec
     return routine.model_copy(update=update)
 
 
-def disable(routine: Routine, now: datetime) -> Routine | None:
+def disable(
+    routine: Routine, now: datetime, reason: Literal["manual", "failures"] = "manual"
+) -> Routine | None:
     if routine.state is not RoutineState.enabled:
         return None
-    return _bumped(routine, now, schedule=True, state=RoutineState.disabled, next_fire_at=None, due_at=None)
+    return _bumped(
+        routine,
+        now,
+        schedule=True,
+        state=RoutineState.disabled,
+        next_fire_at=None,
+        due_at=None,
+        disabled_reason=reason,
+    )
 
 
 def enable(routine: Routine, now: datetime) -> Routine | None:
@@ -37,19 +57,33 @@ def enable(routine: Routine, now: datetime) -> Routine | None:
     timer whose time has passed."""
     if routine.state is RoutineState.enabled:
         return None
-    if routine.state is RoutineState.completed:
+    if routine.state is RoutineState.completed and isinstance(routine.trigger, TimerTrigger):
         raise Conflict(
             "this timer routine has fired and is completed; PATCH trigger.at to a future time to "
             "schedule it again"
         )
+    if routine.state is RoutineState.completed:
+        raise Conflict(
+            "this routine is completed: it reached its end_at or its max_fires; PATCH end_at or "
+            "max_fires to schedule it again"
+        )
     if isinstance(routine.trigger, TimerTrigger) and next_fire_after(routine.trigger, now) is None:
         raise Conflict("the timer's time has passed; PATCH trigger.at to a future time")
-    return _bumped(routine, now, schedule=True, state=RoutineState.enabled)
+    return _bumped(
+        routine,
+        now,
+        schedule=True,
+        state=RoutineState.enabled,
+        disabled_reason=None,
+        failures=[],
+        failures_since=now,
+    )
 
 
 def reschedule(routine: Routine, now: datetime) -> Routine:
-    """After a trigger edit: a new schedule version; a completed timer given a new time is enabled
-    again, a disabled routine stays disabled."""
+    """After an edit of the schedule (its trigger or its flow-control bounds): a new schedule version;
+    a completed routine is enabled again (planning it completes it again if its bounds leave no fire),
+    a disabled routine stays disabled."""
     state = RoutineState.disabled if routine.state is RoutineState.disabled else RoutineState.enabled
     return routine.model_copy(update={"schedule_version": routine.version, "state": state})
 
@@ -63,6 +97,31 @@ def complete_timer(routine: Routine, fired: datetime, now: datetime) -> Routine 
     if trigger.at.replace(microsecond=0) != fired:
         return None
     return _bumped(routine, now, schedule=False, state=RoutineState.completed, next_fire_at=None, due_at=None)
+
+
+def count_outcome(
+    routine: Routine, run_id: str, status: RunStatus, ended_at: datetime, now: datetime
+) -> Routine | None:
+    """``pause_after_failures``: a run of ``routine`` ended ``status`` at ``ended_at``. A failure joins
+    the streak (by run id: counting it again changes nothing) and the routine is disabled with
+    ``disabled_reason: "failures"`` when the streak reaches the limit; a success restarts the streak.
+    Runs that ended before the streak last restarted (an enable, a later success) do not count."""
+    limit = routine.pause_after_failures
+    since = routine.failures_since
+    if limit == 0 or (since is not None and ended_at < since):
+        return None
+    if status is RunStatus.succeeded:
+        if not routine.failures:
+            return None
+        return _bumped(routine, now, schedule=False, failures=[], failures_since=ended_at)
+    if status is not RunStatus.failed or run_id in routine.failures:
+        return None
+    failures = [*routine.failures, run_id][-limit:]
+    if len(failures) >= limit and routine.state is RoutineState.enabled:
+        paused = disable(routine, now, "failures")
+        assert paused is not None
+        return paused.model_copy(update={"failures": failures})
+    return _bumped(routine, now, schedule=False, failures=failures)
 
 
 def record_thread(routine: Routine, index: int, old: str | None, new: str, now: datetime) -> Routine | None:
@@ -79,3 +138,55 @@ def record_thread(routine: Routine, index: int, old: str | None, new: str, now: 
     actions = list(routine.actions)
     actions[index] = changed
     return _bumped(routine, now, schedule=False, actions=actions)
+
+
+# --- applying a transition ----------------------------------------------------------------------
+
+
+def apply(
+    store: Store,
+    routine_id: str,
+    change: Callable[[Routine, datetime], Routine | None],
+    clock: Callable[[], datetime],
+) -> tuple[Routine, Routine] | None:
+    """Read the routine, ``change`` it, write it on its etag (read again on a lost race); returns
+    (before, after) when a change was written. A deleted routine is left alone."""
+    for _ in range(5):
+        try:
+            routine, etag = store.get_routine(routine_id)
+        except NotFound:
+            return None
+        updated = change(routine, clock())
+        if updated is None:
+            return None
+        try:
+            store.replace_routine(updated, etag, routine)
+            return routine, updated
+        except PreconditionFailed:
+            continue
+        except NotFound:
+            return None
+    log.warning("routine %s kept changing; a change was not applied", routine_id)
+    return None
+
+
+def record_outcome(
+    store: Store,
+    routine_id: str,
+    run_id: str,
+    status: RunStatus,
+    ended_at: datetime,
+    clock: Callable[[], datetime],
+) -> None:
+    """``count_outcome`` applied to the stored routine; a pause is logged and counted."""
+    done = apply(store, routine_id, lambda r, now: count_outcome(r, run_id, status, ended_at, now), clock)
+    if done is None:
+        return
+    before, after = done
+    if before.state is RoutineState.enabled and after.disabled_reason == "failures":
+        log.warning(
+            "routine %s disabled after %d failed runs in a row (pause_after_failures); enable it to resume",
+            routine_id,
+            len(after.failures),
+        )
+        telemetry.record_paused(routine_id, len(after.failures))

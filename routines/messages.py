@@ -27,6 +27,7 @@ class DispatchMessage(Model):
     kind: Literal["fire", "retry", "poll"]
     routine_id: str = Field(max_length=64)
     scheduled_for: UtcDatetime
+    dispatch_at: UtcDatetime | None = None  # a fire with jitter starts then, not at scheduled_for
     routine_version: int = Field(ge=1)
     attempt: int = Field(default=1, ge=1)
     run_id: str = Field(max_length=64)

@@ -22,6 +22,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     StrictBool,
     ValidationInfo,
+    computed_field,
     field_validator,
     model_serializer,
     model_validator,
@@ -33,6 +34,7 @@ MAX_INPUT_BYTES = 32 * 1024
 MAX_INPUT_DEPTH = 64  # nesting of objects and arrays in an action input
 OUTPUT_LIMIT_BYTES = 4 * 1024
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+MAX_PAUSE_AFTER_FAILURES = 100
 
 
 def utc_text(value: datetime) -> str:
@@ -59,6 +61,14 @@ def json_integers(value: Any) -> Any:
 
 
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})")
+
+
+class RuleError(ValueError):
+    """A rule between fields broken at ``loc`` (relative to the model validated): reported there."""
+
+    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
+        super().__init__(msg)
+        self.loc = loc
 
 
 def rfc3339_input(value: Any) -> Any:
@@ -403,8 +413,48 @@ class _RoutineFields(Model):
     overlap_policy: OverlapPolicy = OverlapPolicy.skip
     catchup_window_seconds: int = Field(default=3600, ge=0, le=30 * 86400)
     timeout_seconds: int = Field(default=600, ge=1, le=86400)
+    # Flow control (README "Flow control"): when the schedule fires, and when it stops.
+    jitter_seconds: int = Field(default=0, ge=0, le=3600)
+    start_at: UtcDatetime | None = None
+    end_at: UtcDatetime | None = None
+    max_fires: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    pause_after_failures: int = Field(default=0, ge=0, le=MAX_PAUSE_AFTER_FAILURES)
 
-    _integers = field_validator("catchup_window_seconds", "timeout_seconds", mode="before")(json_integers)
+    _integers = field_validator(
+        "catchup_window_seconds",
+        "timeout_seconds",
+        "jitter_seconds",
+        "max_fires",
+        "pause_after_failures",
+        mode="before",
+    )(json_integers)
+
+    @field_validator("start_at", "end_at", mode="before")
+    @classmethod
+    def _rfc3339_or_null(cls, value: Any) -> Any:
+        return None if value is None else rfc3339_input(value)
+
+    @model_validator(mode="after")
+    def _bounds(self, info: ValidationInfo) -> _RoutineFields:
+        """The rules between the trigger and the flow controls. ``now`` in the context (the fields
+        that shape the schedule were set): ``end_at`` must lie ahead."""
+        trigger, start, end = self.trigger, self.start_at, self.end_at
+        if isinstance(trigger, WebhookTrigger):
+            for name in ("jitter_seconds", "start_at", "end_at", "max_fires"):
+                if getattr(self, name):
+                    raise RuleError((name,), "applies to schedule and timer triggers, not webhooks")
+            return self
+        if start is not None and end is not None and end < start:
+            raise RuleError(("end_at",), f"must not be before start_at ({utc_text(start)})")
+        now = (info.context or {}).get("now")
+        if end is not None and now is not None and end <= now:
+            raise RuleError(("end_at",), f"must lie in the future (now is {utc_text(now)})")
+        if isinstance(trigger, TimerTrigger):
+            at = trigger.at.replace(microsecond=0)
+            if (start is not None and at < start) or (end is not None and at > end):
+                raise RuleError(("trigger", "at"), "must lie between start_at and end_at")
+        check_jitter(trigger, self.jitter_seconds)
+        return self
 
     @field_validator("actions")
     @classmethod
@@ -420,11 +470,28 @@ class _RoutineFields(Model):
         return "" if value is None else value
 
 
+def check_jitter(trigger: ScheduleTrigger | TimerTrigger | WebhookTrigger, jitter_seconds: int) -> None:
+    """Jitter may not push a fire past the next one. Raises ``RuleError`` at ``jitter_seconds``."""
+    if isinstance(trigger, WebhookTrigger):
+        if jitter_seconds:
+            raise RuleError(("jitter_seconds",), "applies to schedule and timer triggers, not webhooks")
+    elif isinstance(trigger, ScheduleTrigger) and jitter_seconds:
+        interval = schedule.parse_cron(trigger.cron_expression, trigger.time_zone).min_interval_seconds()
+        if jitter_seconds > interval:
+            raise RuleError(
+                ("jitter_seconds",),
+                f"must not exceed the schedule's interval ({interval:g} seconds): a fire would start "
+                "after the next one",
+            )
+
+
 class RoutineCreate(_RoutineFields):
     state: Literal[RoutineState.enabled, RoutineState.disabled] = RoutineState.enabled
 
 
 MUTABLE_FIELDS = tuple(n for n in _RoutineFields.model_fields)
+# The fields that shape when a routine fires: editing one is a reschedule (queued fires become stale).
+SCHEDULE_FIELDS = ("trigger", "start_at", "end_at", "max_fires", "jitter_seconds")
 
 
 class Routine(_RoutineFields):
@@ -440,6 +507,38 @@ class Routine(_RoutineFields):
     # Internal: the fire the due index holds (None when nothing is left to enqueue). Equal to
     # next_fire_at, except for a timer whose fire is already enqueued but not yet run.
     due_at: UtcDatetime | None = Field(default=None, exclude=True)
+    fire_count: int = Field(default=0, ge=0)  # fires planned by the schedule (max_fires counts these)
+    disabled_reason: Literal["manual", "failures"] | None = None
+    # Internal (pause_after_failures): the failed runs since the streak last restarted (a success, an
+    # enable, at ``failures_since``), by id, so counting a run twice changes nothing.
+    failures: list[str] = Field(default_factory=list, max_length=MAX_PAUSE_AFTER_FAILURES, exclude=True)
+    failures_since: UtcDatetime | None = Field(default=None, exclude=True)
+
+    @computed_field(return_type=UtcDatetime | None)  # type: ignore[prop-decorator]
+    @property
+    def next_dispatch_at(self) -> datetime | None:
+        """When the next fire starts: ``next_fire_at`` plus its jitter offset."""
+        if self.next_fire_at is None:
+            return None
+        return self.next_fire_at + schedule.jitter_offset(self.id, self.next_fire_at, self.jitter_seconds)
+
+    def as_of(self, now: datetime) -> Routine:
+        """The routine as shown at ``now``: ``next_fire_at`` is the earliest fire not yet due. The
+        stored value is the next fire the tick has still to plan; fires it already queued ahead (a
+        06:00 fire read at 05:59) come before it, and a fire that has come due is no longer next."""
+        shown, trigger = self.next_fire_at, self.trigger
+        if (
+            self.state is not RoutineState.enabled
+            or shown is None
+            or not isinstance(trigger, ScheduleTrigger)
+        ):
+            return self
+        after = now if self.start_at is None else max(now, self.start_at)
+        try:
+            earliest = schedule.parse_cron(trigger.cron_expression, trigger.time_zone).next_after(after)
+        except schedule.ScheduleError:
+            return self
+        return self.model_copy(update={"next_fire_at": earliest}) if earliest < shown else self
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -525,6 +624,7 @@ class RunPlan(Model):
     retry_policy: RetryPolicy
     timeout_seconds: int
     overlap_policy: OverlapPolicy
+    pause_after_failures: int = 0
 
     @classmethod
     def of(cls, routine: Routine) -> RunPlan:
@@ -535,6 +635,7 @@ class RunPlan(Model):
             retry_policy=routine.retry_policy,
             timeout_seconds=routine.timeout_seconds,
             overlap_policy=routine.overlap_policy,
+            pause_after_failures=routine.pause_after_failures,
         )
 
 
@@ -580,6 +681,7 @@ class Run(Model):
     routine_id: str
     trigger: RunTrigger
     scheduled_for: UtcDatetime
+    dispatch_at: UtcDatetime | None = None  # jitter_seconds: when this fire was to start
     status: RunStatus
     attempt: int = 0
     max_attempts: int = 1
@@ -593,6 +695,12 @@ class Run(Model):
     coalesced_fires: int = 0  # fires a late tick or catch-up folded into this run (besides its own)
     event: WebhookEvent | None = None  # webhook runs only
     progress: RunProgress = Field(default_factory=RunProgress, exclude=True)
+
+    @property
+    def due(self) -> datetime:
+        """When the run was to start: its scheduled time plus its jitter offset. Lateness and
+        ``max_age_seconds`` count from here."""
+        return self.dispatch_at or self.scheduled_for
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"progress"} if self.event else {"progress", "event"})

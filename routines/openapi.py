@@ -133,7 +133,15 @@ _CONDITION_VALUE = [
     {"if": {"properties": {"op": {"const": "in"}}}, "then": {"properties": {"value": {"type": "array"}}}},
 ]
 # The fields of a routine that have a default: ``null`` in a merge patch puts the default back.
-_DEFAULTED = ("description", "retry_policy", "overlap_policy", "catchup_window_seconds", "timeout_seconds")
+_DEFAULTED = (
+    "description",
+    "retry_policy",
+    "overlap_policy",
+    "catchup_window_seconds",
+    "timeout_seconds",
+    "jitter_seconds",
+    "pause_after_failures",
+)
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -371,10 +379,11 @@ def document() -> dict[str, Any]:
                     "type": "object",
                     "required": ["fires"],
                     "properties": {
-                        "fires": {"type": "array", "items": {"type": "string", "format": "date-time"}}
+                        "fires": {"type": "array", "items": {"type": "string", "format": "date-time"}},
+                        "dispatch_at": {"type": "array", "items": {"type": "string", "format": "date-time"}},
                     },
                 },
-                (400, 413, 415, 422),
+                (400, 404, 413, 415, 422),
                 "PreviewRequest",
             )
         },

@@ -17,10 +17,10 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from routines import decide, scheduler
+from routines import decide, lifecycle, scheduler
 from routines.errors import NotFound
 from routines.messages import DispatchMessage, DispatchQueue
-from routines.models import Run
+from routines.models import Run, RunStatus
 from routines.store import Store, Watch
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ def fire_of(watch: Watch) -> DispatchMessage:
         kind="fire",
         routine_id=watch.routine_id,
         scheduled_for=watch.scheduled_for,
+        dispatch_at=watch.dispatch_at,
         routine_version=watch.version,
         attempt=1,
         run_id=watch.run_id,
@@ -74,6 +75,11 @@ def repair(
         if decision.sends:
             log.warning("repair: run %s of routine %s: %s", watch.run_id, watch.routine_id, decision.why)
         if decision.check_at is None:
+            if run is not None and run.status in (RunStatus.failed, RunStatus.succeeded):
+                # Its worker may have died before counting it (``decide.CountOutcome``): counted here.
+                lifecycle.record_outcome(
+                    store, run.routine_id, run.id, run.status, run.ended_at or now, lambda: now
+                )
             store.unwatch(watch.routine_id, watch.run_id)
             report.dropped += 1
         else:

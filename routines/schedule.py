@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import calendar
 import functools
+import hashlib
 import itertools
 import re
 from bisect import bisect_left
@@ -51,6 +52,7 @@ from routines.errors import RoutinesError
 __all__ = [
     "CronSchedule",
     "ScheduleError",
+    "jitter_offset",
     "next_fire_after",
     "parse_cron",
     "validate_cron",
@@ -622,3 +624,13 @@ def next_fire_after(trigger: Any, after: datetime) -> datetime | None:
     if kind == "webhook":
         return None  # fires come from deliveries, not the clock
     raise ValueError(f"unknown trigger type {kind!r}")
+
+
+def jitter_offset(routine_id: str, fire: datetime, jitter_seconds: int) -> timedelta:
+    """How long after ``fire`` it starts: a whole number of milliseconds in ``[0, jitter_seconds)``
+    derived from the routine and the fire, so every worker, the API and the preview agree."""
+    if jitter_seconds <= 0:
+        return timedelta(0)
+    stamp = _require_aware(fire, "fire").astimezone(UTC).isoformat()
+    digest = hashlib.sha256(f"{routine_id}|{stamp}".encode()).digest()
+    return timedelta(milliseconds=int.from_bytes(digest[:8], "big") % (jitter_seconds * 1000))

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Final
 
 from pydantic import TypeAdapter
 
@@ -27,6 +28,7 @@ from routines.errors import Conflict, RoutinesError
 from routines.messages import DispatchMessage, DispatchQueue
 from routines.models import (
     Routine,
+    RoutineState,
     Run,
     RunProgress,
     RunStatus,
@@ -49,6 +51,7 @@ TICK_LEASE = timedelta(seconds=50)
 MAX_FIRES_PER_PLAN = 90  # with its 3 due-index rows, one plan's watches fit one 100-row transaction
 SEND_THREADS = 16
 _ONE_SECOND = timedelta(seconds=1)
+_TICK = timedelta(microseconds=1)
 _TRIGGER = TypeAdapter(Trigger)
 OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -70,9 +73,31 @@ def horizon(now: datetime) -> datetime:
 class FirePlan:
     fires: list[datetime]  # to enqueue now, each delayed until its time
     next_fire_at: datetime | None  # where the due entry moves to
-    completed: bool = False  # a timer routine whose fire was missed: done without running
+    completed: bool = False  # nothing left to fire (a missed timer, past end_at, max_fires reached)
     missed: tuple[int, datetime, datetime] | None = None  # (count, first missed fire, window start)
     coalesced: int = 0  # past fires folded into the run of ``fires[0]`` (catch-up, a late tick)
+
+    @property
+    def counted(self) -> int:
+        """The fires this plan adds to the routine's ``fire_count``: one per run it makes (a missed
+        record and a coalesced run count once, like the run that stands for them)."""
+        return len(self.fires) + (1 if self.missed else 0)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Where a schedule stops (README "Flow control"): after ``end_at``, or once ``remaining`` more
+    fires were planned (``None``: no limit)."""
+
+    end_at: datetime | None = None
+    remaining: int | None = None
+
+    @classmethod
+    def of(cls, end_at: datetime | None, max_fires: int | None, fire_count: int) -> Bounds:
+        return cls(end_at, None if max_fires is None else max(0, max_fires - fire_count))
+
+
+NO_BOUNDS: Final = Bounds()
 
 
 def plan_fires(
@@ -81,12 +106,14 @@ def plan_fires(
     catchup_window_seconds: int,
     now: datetime,
     until: datetime,
+    bounds: Bounds = NO_BOUNDS,
 ) -> FirePlan:
-    """Plan the fires from ``fire_at`` (the routine's next fire) up to ``until``.
+    """Plan the fires from ``fire_at`` (the routine's next fire) up to ``until``, within ``bounds``.
 
     Fires older than the catch-up window become one ``missed`` record; past fires inside the window
     are coalesced into one run of the latest; future fires before ``until`` are all enqueued. A
-    webhook trigger has no fires in time.
+    webhook trigger has no fires in time. The plan is ``completed`` when ``bounds`` leave no fire
+    after it.
     """
     if isinstance(trigger, WebhookTrigger):
         return FirePlan([], None)
@@ -96,28 +123,40 @@ def plan_fires(
             return FirePlan([], None, completed=True, missed=(1, fire_at, window_start))
         return FirePlan([fire_at] if fire_at < until else [], None if fire_at < until else fire_at)
 
+    if bounds.remaining == 0:
+        return FirePlan([], None, completed=True)
     cron = schedule.parse_cron(trigger.cron_expression, trigger.time_zone)
+    end = bounds.end_at
+    last = now if end is None else min(now, end)  # the latest past fire that may still run
     missed = None
     cursor = fire_at
     if cursor < window_start:
-        count = cron.count_fires(
-            cursor - _ONE_SECOND, window_start - timedelta(microseconds=1), cap=1_000_000
-        )
+        counted_until = window_start if end is None else min(window_start, end + _TICK)
+        count = cron.count_fires(cursor - _ONE_SECOND, counted_until - _TICK, cap=1_000_000)
         missed = (count, cursor, window_start)
-        cursor = cron.next_after(window_start - timedelta(microseconds=1))
+        cursor = cron.next_after(window_start - _TICK)
     fires: list[datetime] = []
     coalesced = 0
-    if cursor <= now:
-        latest = _latest_fire_at_or_before(cron, cursor, now)
+    if cursor <= last:
+        latest = _latest_fire_at_or_before(cron, cursor, last)
         if latest > cursor:
-            coalesced = cron.count_fires(
-                cursor - _ONE_SECOND, latest - timedelta(microseconds=1), cap=1_000_000
-            )
+            coalesced = cron.count_fires(cursor - _ONE_SECOND, latest - _TICK, cap=1_000_000)
         fires.append(latest)
         cursor = cron.next_after(latest)
+    if end is not None:
+        until = min(until, end + _TICK)
     while cursor < until and len(fires) < MAX_FIRES_PER_PLAN:
         fires.append(cursor)
         cursor = cron.next_after(cursor)
+    remaining = bounds.remaining
+    if remaining is not None:
+        room = max(0, remaining - (1 if missed else 0))
+        if room < len(fires):  # max_fires reached within this plan
+            return FirePlan(fires[:room], None, True, missed, coalesced if room else 0)
+        if room == len(fires):
+            return FirePlan(fires, None, True, missed, coalesced)
+    if end is not None and cursor > end:
+        return FirePlan(fires, None, True, missed, coalesced)
     return FirePlan(fires, cursor, missed=missed, coalesced=coalesced)
 
 
@@ -138,20 +177,35 @@ def _latest_fire_at_or_before(cron: schedule.CronSchedule, first: datetime, now:
 
 
 def fire_message(
-    routine_id: str, scheduled_for: datetime, version: int, trigger_type: str, routine_name: str | None = None
+    routine_id: str,
+    scheduled_for: datetime,
+    version: int,
+    trigger_type: str,
+    routine_name: str | None = None,
+    jitter_seconds: int = 0,
 ) -> DispatchMessage:
     run_id = scheduled_run_id(routine_id, scheduled_for)
+    offset = schedule.jitter_offset(routine_id, scheduled_for, jitter_seconds)
     # A span per fire: the message carries its traceparent, so the run's spans hang under this fire.
     with telemetry.fire_span(routine_id, run_id, scheduled_for, routine_name):
         return DispatchMessage(
             kind="fire",
             routine_id=routine_id,
             scheduled_for=scheduled_for,
+            dispatch_at=scheduled_for + offset if offset else None,
             routine_version=version,
             attempt=1,
             run_id=run_id,
             traceparent=telemetry.current_traceparent(),
         )
+
+
+def fire_send(
+    routine_id: str, fire: datetime, version: int, kind: str, name: str, jitter_seconds: int, now: datetime
+) -> tuple[DispatchMessage, float]:
+    """A fire's message and its queue delay: it surfaces just before it is to start."""
+    message = fire_message(routine_id, fire, version, kind, name, jitter_seconds)
+    return message, fire_delay(message.dispatch_at or fire, now)
 
 
 def watch_for(message: DispatchMessage, trigger: str) -> Watch:
@@ -162,7 +216,8 @@ def watch_for(message: DispatchMessage, trigger: str) -> Watch:
         scheduled_for=message.scheduled_for,
         trigger=trigger,
         version=message.routine_version,
-        check_at=message.scheduled_for + FIRST_CHECK,
+        check_at=(message.dispatch_at or message.scheduled_for) + FIRST_CHECK,
+        dispatch_at=message.dispatch_at,
     )
 
 
@@ -267,9 +322,10 @@ def _schedule_entries(
     until = horizon(now)
     planned: list[tuple[Advance, list[tuple[DispatchMessage, float]]]] = []
     for entry in entries:
+        bounds = Bounds.of(entry.end_at, entry.max_fires, entry.fire_count)
         try:
             trigger = _TRIGGER.validate_python(entry.trigger)
-            plan = plan_fires(trigger, entry.fire_at, entry.catchup_window_seconds, now, until)
+            plan = plan_fires(trigger, entry.fire_at, entry.catchup_window_seconds, now, until, bounds)
         except ValueError:  # ScheduleError, or pydantic's ValidationError: one bad row must not stop the tick
             log.exception("routine %s: its schedule no longer parses; leaving it", entry.routine_id)
             continue
@@ -295,14 +351,20 @@ def _schedule_entries(
                     )
                 )
         messages = [
-            (
-                fire_message(entry.routine_id, fire, entry.schedule_version, trigger.type, entry.name),
-                fire_delay(fire, now),
+            fire_send(
+                entry.routine_id,
+                fire,
+                entry.schedule_version,
+                trigger.type,
+                entry.name,
+                entry.jitter_seconds,
+                now,
             )
             for fire in plan.fires
         ]
         watches = tuple(watch_for(message, trigger.type) for message, _ in messages)
-        planned.append((Advance(entry, plan.next_fire_at, plan.completed, watches), messages))
+        advance = Advance(entry, plan.next_fire_at, plan.completed, watches, plan.counted)
+        planned.append((advance, messages))
     return planned
 
 
@@ -317,29 +379,38 @@ class Immediate:
 
 
 def plan_immediately(routine: Routine, now: datetime) -> Immediate:
-    """For a routine just created, rescheduled or enabled: its next fire from ``now`` and, if that is
-    nearer than the next tick's horizon, it (and any others before the horizon) to enqueue at once,
-    right after the routine write. In the last ``LOOKAHEAD_MARGIN`` of a minute the horizon is the
-    following tick's. The routine comes back with ``next_fire_at`` and ``due_at`` past those fires."""
-    first = schedule.next_fire_after(routine.trigger, now - timedelta(microseconds=1))
+    """For a routine just created, rescheduled or enabled: its next fire from ``now`` (or from
+    ``start_at``) and, if that is nearer than the next tick's horizon, it (and any others before the
+    horizon) to enqueue at once, right after the routine write. In the last ``LOOKAHEAD_MARGIN`` of a
+    minute the horizon is the following tick's. The routine comes back with ``next_fire_at`` and
+    ``due_at`` past those fires, its ``fire_count`` counting them, and ``completed`` when its bounds
+    (``end_at``, ``max_fires``) leave nothing more to fire."""
+    after = now if routine.start_at is None else max(now, routine.start_at)
+    first = schedule.next_fire_after(routine.trigger, after - _TICK)
+    bounds = Bounds.of(routine.end_at, routine.max_fires, routine.fire_count)
     if first is None:
         return Immediate(routine.model_copy(update={"next_fire_at": None, "due_at": None}))
     # The due entry is written after this returns, so a tick starting meanwhile does not see it. Near
     # a minute's end, cover the next minute's tick too: else its fires are found late by the tick after
     # and coalesced away.
     until = horizon(now + LOOKAHEAD_MARGIN)
-    if first >= until:
-        return Immediate(routine.model_copy(update={"next_fire_at": first, "due_at": first}))
-    plan = plan_fires(routine.trigger, first, routine.catchup_window_seconds, now, until)
+    plan = plan_fires(routine.trigger, first, routine.catchup_window_seconds, now, until, bounds)
     kind = routine.trigger.type
     sends = tuple(
-        (fire_message(routine.id, fire, routine.schedule_version, kind, routine.name), fire_delay(fire, now))
+        fire_send(routine.id, fire, routine.schedule_version, kind, routine.name, routine.jitter_seconds, now)
         for fire in plan.fires
     )
     shown = plan.next_fire_at
     if shown is None and isinstance(routine.trigger, TimerTrigger) and not plan.completed:
         shown = routine.trigger.at  # enqueued but not yet fired: still shown as the next fire
-    planned = routine.model_copy(update={"next_fire_at": shown, "due_at": plan.next_fire_at})
+    update: dict[str, object] = {
+        "next_fire_at": shown,
+        "due_at": plan.next_fire_at,
+        "fire_count": routine.fire_count + plan.counted,
+    }
+    if plan.completed and not isinstance(routine.trigger, TimerTrigger):
+        update["state"] = RoutineState.completed  # its last fires are queued (or it has none left)
+    planned = routine.model_copy(update=update)
     return Immediate(planned, tuple(watch_for(m, kind) for m, _ in sends), sends)
 
 

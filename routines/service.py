@@ -25,6 +25,7 @@ from routines.errors import Invalid, PreconditionFailed, StorageUnavailable
 from routines.messages import DispatchMessage, DispatchQueue
 from routines.models import (
     MUTABLE_FIELDS,
+    SCHEDULE_FIELDS,
     ApprovalStep,
     Routine,
     RoutineCreate,
@@ -75,6 +76,7 @@ class Service:
             updated_at=now,
             version=1,
             schedule_version=1,
+            disabled_reason="manual" if spec.state is RoutineState.disabled else None,
         )
         # Written first, with a watch of each near fire; enqueued after (docs/guarantees.md #1).
         plan = scheduler.plan_immediately(routine, now) if routine.state is RoutineState.enabled else None
@@ -117,8 +119,10 @@ class Service:
                 and patch["trigger"].get("type", old_trigger["type"]) != old_trigger["type"]
             ):
                 merged["trigger"] = patch["trigger"]  # a new kind of trigger replaces the old one whole
-            trigger_changed = merged.get("trigger") != old_trigger
-            context = self._context(now) if trigger_changed else {"min_interval_seconds": 0}
+            # The rules that read the clock (a timer ahead, end_at ahead) apply when the schedule is edited.
+            before = current.model_dump(mode="json", include=set(SCHEDULE_FIELDS))
+            edited = any(merged.get(k) != before.get(k) for k in SCHEDULE_FIELDS)
+            context = self._context(now) if edited else {"min_interval_seconds": 0}
             try:
                 fields = _RoutineFields.model_validate(merged, context=context)
             except pydantic.ValidationError as exc:
@@ -127,13 +131,14 @@ class Service:
                 raise PreconditionFailed(
                     f"routine {current.id} is at version {current.version}, not {expected_version}"
                 )
-            values = fields.model_dump()
-            if all(values[k] == current.model_dump()[k] for k in values):
+            values, old = fields.model_dump(), current.model_dump()
+            if all(values[k] == old[k] for k in values):
                 return None
+            rescheduled = any(values[k] != old[k] for k in SCHEDULE_FIELDS)
             updated = current.model_copy(
                 update={**dict(fields), "version": current.version + 1, "updated_at": now}
             )
-            if trigger_changed:
+            if rescheduled:
                 updated = lifecycle.reschedule(updated, now)
                 if updated.state is RoutineState.enabled:
                     return scheduler.plan_immediately(updated, now)

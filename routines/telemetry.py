@@ -85,6 +85,9 @@ retries = meter.create_counter("routines.retries", unit="{attempt}", description
 poison_messages = meter.create_counter(
     "routines.poison", unit="{message}", description="Unreadable dispatch messages"
 )
+routines_paused = meter.create_counter(
+    "routines.paused", unit="{routine}", description="Routines disabled by pause_after_failures"
+)
 tick_duration = meter.create_histogram("routines.tick.duration", unit="s", description="Tick wall time")
 
 
@@ -280,6 +283,12 @@ def record_retry(trigger: str | None = None) -> None:
 
 def record_poison() -> None:
     poison_messages.add(1)
+
+
+def record_paused(routine_id: str, failures: int) -> None:
+    """A routine disabled by ``pause_after_failures``: a metric, and an event on the current span."""
+    routines_paused.add(1)
+    trace.get_current_span().add_event("routine.paused", {"routine.id": routine_id, "failures": failures})
 
 
 # --- structured logs ---------------------------------------------------------------------------------

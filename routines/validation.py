@@ -9,7 +9,7 @@ from typing import Any
 import pydantic
 
 from routines.errors import Invalid
-from routines.graph import GraphError
+from routines.models import RuleError
 
 _TAGS = {"schedule", "timer", "invocation", "response", "approval", "Condition"}
 # The location parts pydantic adds for the members of a plain union (``str | dict[str, Any]``).
@@ -39,7 +39,7 @@ def validation_errors(exc: pydantic.ValidationError, prefix: tuple[Any, ...] = (
             msg = "unknown field"
         loc = _loc(prefix + tuple(err["loc"]))
         cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, GraphError):  # a rule between steps: the step's own field
+        if isinstance(cause, RuleError):  # a rule between fields (or steps): the field it names
             loc = [*loc, *cause.loc]
         key = json.dumps(loc)
         if key in by_loc:

@@ -251,10 +251,21 @@ def test_create_returns_201_with_location_etag_and_defaults(client: Client) -> N
             "input": {"instructions": "Scan overnight logs", "context": {"region": "us-east-1"}},
         }
     ]
+    flow = {
+        "jitter_seconds": 0,
+        "start_at": None,
+        "end_at": None,
+        "max_fires": None,
+        "pause_after_failures": 0,
+    }
+    assert {k: body[k] for k in flow} == flow
+    assert body["fire_count"] == 0  # the 06:00 fire is beyond the next tick: not planned yet
+    assert body["disabled_reason"] is None
+    assert body["next_dispatch_at"] == body["next_fire_at"]  # no jitter
     assert set(body) == {
         "id", "name", "description", "trigger", "actions", "retry_policy", "overlap_policy",
         "catchup_window_seconds", "timeout_seconds", "state", "next_fire_at", "created_at", "updated_at",
-        "version",
+        "version", *flow, "fire_count", "disabled_reason", "next_dispatch_at",
     }  # fmt: skip
     assert client.get(f"/api/routines/{body['id']}").body == body
 
@@ -346,7 +357,9 @@ def test_create_with_a_fire_before_the_next_tick_enqueues_it_at_once(client: Cli
         (30.0 - scheduler.EARLY_SURFACE_SECONDS, rid, "2026-03-01T12:01:00Z", 1, scheduled_run_id(rid, fire))
     ]
     assert client.queue.sent[0][1].kind == "fire"
-    assert body["next_fire_at"] == "2026-03-01T12:02:00Z"  # the enqueued one is no longer ahead
+    assert body["next_fire_at"] == "2026-03-01T12:01:00Z"  # queued ahead, not started: still the next
+    client.clock.now = fire + timedelta(seconds=1)
+    assert client.get(f"/api/routines/{rid}").body["next_fire_at"] == "2026-03-01T12:02:00Z"
 
 
 def test_create_second_schedule_enqueues_every_fire_before_the_horizon(client: Client) -> None:
@@ -356,7 +369,7 @@ def test_create_second_schedule_enqueues_every_fire_before_the_horizon(client: C
         (10.0 - scheduler.EARLY_SURFACE_SECONDS, "2026-03-01T12:00:40Z"),
         (30.0 - scheduler.EARLY_SURFACE_SECONDS, "2026-03-01T12:01:00Z"),
     ]
-    assert body["next_fire_at"] == "2026-03-01T12:01:20Z"
+    assert body["next_fire_at"] == "2026-03-01T12:00:40Z"
 
 
 def test_create_timer_due_before_the_next_tick_is_enqueued_and_still_shown(client: Client) -> None:
@@ -407,7 +420,7 @@ def test_patch_of_the_trigger_enqueues_a_near_fire_with_the_new_version(client: 
             scheduled_run_id(rid, datetime(2026, 3, 1, 12, 1, tzinfo=UTC)),
         )
     ]
-    assert body["next_fire_at"] == "2026-03-01T12:02:00Z"
+    assert body["next_fire_at"] == "2026-03-01T12:01:00Z"  # queued, not started
 
 
 def test_enable_enqueues_a_near_fire(client: Client) -> None:
@@ -1379,3 +1392,18 @@ def test_patch_retries_a_lost_race_and_keeps_both_changes(client: Client) -> Non
     store.replace_routine = racing_replace  # type: ignore[method-assign]
     body = client.patch(f"/api/routines/{rid}", {"timeout_seconds": 60}).body
     assert (body["description"], body["timeout_seconds"], body["version"]) == ("theirs", 60, 3)
+
+
+def test_next_fire_at_is_the_earliest_fire_not_started_including_those_queued_by_the_tick(
+    client: Client,
+) -> None:
+    rid = client.create(trigger=cron("0 6 * * *"))["id"]
+    client.clock.now = datetime(2026, 3, 2, 5, 59, 0, tzinfo=UTC)
+    scheduler.tick(client.store, client.queue, client.clock())
+    assert client.store.get_routine(rid)[0].next_fire_at == datetime(2026, 3, 3, 6, tzinfo=UTC), "planned"
+    client.clock.now += timedelta(seconds=30)
+    assert client.get(f"/api/routines/{rid}").body["next_fire_at"] == "2026-03-02T06:00:00Z", "read at 05:59"
+    [listed] = client.get("/api/routines").body["items"]
+    assert listed["next_fire_at"] == "2026-03-02T06:00:00Z"
+    client.clock.now = datetime(2026, 3, 2, 6, 0, 1, tzinfo=UTC)
+    assert client.get(f"/api/routines/{rid}").body["next_fire_at"] == "2026-03-03T06:00:00Z", "06:00 is due"

@@ -71,12 +71,19 @@ def routine(**changes: Any) -> Routine:
     return base.model_copy(update=changes)
 
 
-def message(kind: str = "fire", attempt: int = 1, run_id: str = RUN_ID, version: int = 1) -> DispatchMessage:
+def message(
+    kind: str = "fire",
+    attempt: int = 1,
+    run_id: str = RUN_ID,
+    version: int = 1,
+    dispatch_at: datetime | None = None,
+) -> DispatchMessage:
     return DispatchMessage.model_validate(
         {
             "kind": kind,
             "routine_id": RID,
             "scheduled_for": FIRE,
+            "dispatch_at": dispatch_at,
             "routine_version": version,
             "attempt": attempt,
             "run_id": run_id,
@@ -139,7 +146,22 @@ def after(seconds: float) -> datetime:
     ("given", "expected"),
     [
         pytest.param(facts(now=after(-2)), Wait(2.0), id="early_fire_waits_for_its_time"),
-        pytest.param(facts(now=after(-60)), Wait(decide.MAX_EARLY_WAIT), id="early_wait_is_bounded"),
+        pytest.param(facts(now=after(-4)), Wait(decide.MAX_EARLY_WAIT), id="early_wait_is_bounded"),
+        pytest.param(
+            facts(now=after(-60)),
+            Done((Send(message(), 60.0),), "early"),
+            id="far_too_early_goes_back_to_the_queue",
+        ),
+        pytest.param(
+            facts(message(dispatch_at=after(30)), now=after(1)),
+            Done((Send(message(dispatch_at=after(30)), 29.0),), "early"),
+            id="a_jittered_fire_waits_for_its_dispatch_time",
+        ),
+        pytest.param(
+            facts(message(dispatch_at=after(3)), now=after(1)),
+            Wait(2.0),
+            id="a_jittered_fire_waits_out_the_rest",
+        ),
         pytest.param(facts(), Load("routine"), id="fire_reads_its_routine"),
         pytest.param(facts(routine=None), Load("run"), id="deleted_routine_looks_for_the_run"),
         pytest.param(

@@ -51,7 +51,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 # Locations (the tail of a problem's ``errors[].loc``) of rules that JSON Schema cannot express.
 # ``secret_setting``: a webhook's app setting must be defined on the host, which no schema can know.
-SEMANTIC_FIELDS = {"cron_expression", "time_zone", "at", "after", "secret_setting"}
+# The flow controls: end_at ahead and not before start_at, jitter within the cron's interval and
+# with a routine id in a preview, none of them on a webhook trigger.
+SEMANTIC_FIELDS = {"cron_expression", "time_zone", "at", "after", "secret_setting"} | {
+    "start_at", "end_at", "jitter_seconds", "max_fires", "routine_id"
+}  # fmt: skip
 KNOWN: dict[str, list[str]] = {"routines": [], "runs": []}  # filled by the ``api_base`` fixture
 _turn = itertools.count()
 

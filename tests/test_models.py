@@ -244,6 +244,11 @@ def test_defaults_are_filled() -> None:
         "overlap_policy": "skip",
         "catchup_window_seconds": 3600,
         "timeout_seconds": 600,
+        "jitter_seconds": 0,
+        "start_at": None,
+        "end_at": None,
+        "max_fires": None,
+        "pause_after_failures": 0,
         "state": "enabled",
     }
 
@@ -561,12 +566,20 @@ def test_routine_json_matches_the_spec_example_shape() -> None:
         "overlap_policy",
         "catchup_window_seconds",
         "timeout_seconds",
+        "jitter_seconds",
+        "start_at",
+        "end_at",
+        "max_fires",
+        "pause_after_failures",
         "id",
         "state",
         "next_fire_at",
         "created_at",
         "updated_at",
         "version",
+        "fire_count",
+        "disabled_reason",
+        "next_dispatch_at",
     ]
     assert json.loads(json.dumps(body)) == body
 

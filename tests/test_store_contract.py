@@ -451,6 +451,29 @@ def test_advance_moves_the_entry_and_the_routines_next_fire(store: Store) -> Non
     assert (moved.name, moved.trigger, moved.schedule_version) == (entry.name, entry.trigger, 1)
 
 
+def test_advance_counts_fires_and_the_entry_carries_the_bounds(store: Store) -> None:
+    end = T0 + timedelta(days=3)
+    routine = make_routine(fire=T0 + MINUTE, jitter_seconds=30, end_at=end, max_fires=9, fire_count=4)
+    store.create_routine(routine)
+    entry = only_entry(store, routine.id)
+    assert (entry.jitter_seconds, entry.end_at, entry.max_fires, entry.fire_count) == (30, end, 9, 4)
+    assert store.advance([Advance(entry, T0 + 2 * MINUTE, fired=2)]) == [True]
+    assert store.get_routine(routine.id)[0].fire_count == 6
+    assert only_entry(store, routine.id).fire_count == 6
+    done = only_entry(store, routine.id)
+    assert store.advance([Advance(done, None, completed=True, fired=3)]) == [True]
+    got = store.get_routine(routine.id)[0]
+    assert (got.fire_count, got.state, got.next_fire_at) == (9, RoutineState.completed, None)
+
+
+def test_the_failure_streak_round_trips(store: Store) -> None:
+    routine = make_routine(pause_after_failures=3, failures=["run_a", "run_b"], failures_since=T0)
+    store.create_routine(routine)
+    got = store.get_routine(routine.id)[0]
+    assert (got.failures, got.failures_since, got.disabled_reason) == (["run_a", "run_b"], T0, None)
+    assert "failures" not in got.public(), "internal"
+
+
 def test_advance_with_a_stale_entry_is_false_and_changes_nothing(store: Store) -> None:
     routine = make_routine(fire=T0 + MINUTE)
     store.create_routine(routine)

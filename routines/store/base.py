@@ -45,6 +45,10 @@ class DueEntry:
     schedule_version: int
     catchup_window_seconds: int
     etag: str
+    jitter_seconds: int = 0
+    end_at: datetime | None = None  # the schedule's bounds and count (README "Flow control")
+    max_fires: int | None = None
+    fire_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,17 +63,19 @@ class Watch:
     trigger: str  # schedule | timer | manual | webhook
     version: int  # the routine's schedule version the fire was planned at
     check_at: datetime
+    dispatch_at: datetime | None = None  # a jittered fire's start (``None``: at ``scheduled_for``)
 
 
 @dataclass(frozen=True)
 class Advance:
-    """Move ``entry`` to ``next_fire_at`` (``None``: nothing more to fire; ``completed`` marks a timer
-    routine done), watching the fires enqueued with it."""
+    """Move ``entry`` to ``next_fire_at`` (``None``: nothing more to fire; ``completed`` marks the
+    routine done), watching the fires enqueued with it and counting ``fired`` more fires."""
 
     entry: DueEntry
     next_fire_at: datetime | None
     completed: bool = False
     watches: tuple[Watch, ...] = ()
+    fired: int = 0
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ def watch_row(watch: Watch) -> dict[str, Any]:
         "Trigger": watch.trigger,
         "Version": watch.version,
         "CheckAt": iso(watch.check_at),
+        "DispatchAt": iso(watch.dispatch_at),
     }
 
 
@@ -80,6 +81,7 @@ def watch_from_row(row: dict[str, Any]) -> Watch:
         trigger=str(row["Trigger"]),
         version=int(row["Version"]),
         check_at=datetime.fromisoformat(str(row["CheckAt"])),
+        dispatch_at=datetime.fromisoformat(str(row["DispatchAt"])) if row.get("DispatchAt") else None,
     )
 
 
@@ -100,9 +102,16 @@ def _join(row: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+# What the tick changes without reading the routine (``advance_ops`` merges them): columns of their own.
+_ROUTINE_COLUMNS = {"state", "next_fire_at", "fire_count", "next_dispatch_at"}
+
+
 def routine_row(routine: Routine) -> dict[str, Any]:
-    body = routine.model_dump(mode="json", exclude={"state", "next_fire_at"})
+    body = routine.model_dump(mode="json", exclude=_ROUTINE_COLUMNS)
     body["schedule_version"] = routine.schedule_version
+    if routine.failures or routine.failures_since:
+        body["failures"] = routine.failures
+        body["failures_since"] = iso(routine.failures_since) or None
     return {
         "PartitionKey": ROUTINE_PK,
         "RowKey": routine_rk(routine.id),
@@ -110,6 +119,7 @@ def routine_row(routine: Routine) -> dict[str, Any]:
         "State": routine.state.value,
         "NextFireAt": iso(routine.next_fire_at),
         "DueAt": iso(routine.due_at),
+        "FireCount": routine.fire_count,
         **_chunks(json.dumps(body, separators=(",", ":"), ensure_ascii=False)),
     }
 
@@ -119,6 +129,7 @@ def routine_from_row(row: dict[str, Any]) -> Routine:
     body["state"] = row["State"]
     body["next_fire_at"] = row.get("NextFireAt") or None
     body["due_at"] = row.get("DueAt") or None
+    body["fire_count"] = int(row.get("FireCount") or 0)
     return Routine.model_validate(body)
 
 
@@ -129,19 +140,25 @@ def name_row(routine: Routine) -> dict[str, Any]:
 def due_row(routine: Routine) -> dict[str, Any] | None:
     if routine.due_at is None:
         return None
-    return {
-        "PartitionKey": ROUTINE_PK,
-        "RowKey": due_rk(routine.due_at, routine.id),
-        "RoutineId": routine.id,
-        "Name": routine.name,
-        "Trigger": json.dumps(routine.trigger.model_dump(mode="json"), separators=(",", ":")),
-        "ScheduleVersion": routine.schedule_version,
-        "Catchup": routine.catchup_window_seconds,
-    }
+    entry = DueEntry(
+        routine_id=routine.id,
+        name=routine.name,
+        fire_at=routine.due_at,
+        trigger=routine.trigger.model_dump(mode="json"),
+        schedule_version=routine.schedule_version,
+        catchup_window_seconds=routine.catchup_window_seconds,
+        etag="",
+        jitter_seconds=routine.jitter_seconds,
+        end_at=routine.end_at,
+        max_fires=routine.max_fires,
+        fire_count=routine.fire_count,
+    )
+    return moved_due_row(entry, routine.due_at, 0)
 
 
 def due_entry_from_row(row: dict[str, Any], etag: str) -> DueEntry:
     ms = int(str(row["RowKey"])[len(DUE_PREFIX) :].split(":", 1)[0])
+    max_fires = row.get("MaxFires")
     return DueEntry(
         routine_id=row["RoutineId"],
         name=row["Name"],
@@ -150,10 +167,15 @@ def due_entry_from_row(row: dict[str, Any], etag: str) -> DueEntry:
         schedule_version=int(row["ScheduleVersion"]),
         catchup_window_seconds=int(row["Catchup"]),
         etag=etag,
+        jitter_seconds=int(row.get("Jitter") or 0),
+        end_at=datetime.fromisoformat(str(row["EndAt"])) if row.get("EndAt") else None,
+        max_fires=int(max_fires) if max_fires else None,
+        fire_count=int(row.get("FireCount") or 0),
     )
 
 
-def moved_due_row(entry: DueEntry, fire_at: datetime) -> dict[str, Any]:
+def moved_due_row(entry: DueEntry, fire_at: datetime, fired: int) -> dict[str, Any]:
+    """``entry`` moved to ``fire_at``, ``fired`` more fires counted."""
     return {
         "PartitionKey": ROUTINE_PK,
         "RowKey": due_rk(fire_at, entry.routine_id),
@@ -162,6 +184,10 @@ def moved_due_row(entry: DueEntry, fire_at: datetime) -> dict[str, Any]:
         "Trigger": json.dumps(entry.trigger, separators=(",", ":")),
         "ScheduleVersion": entry.schedule_version,
         "Catchup": entry.catchup_window_seconds,
+        "Jitter": entry.jitter_seconds,
+        "EndAt": iso(entry.end_at),
+        "MaxFires": entry.max_fires or 0,
+        "FireCount": entry.fire_count + fired,
     }
 
 
@@ -264,11 +290,16 @@ def delete_routine_ops(routine: Routine, etag: str) -> list[Op]:
 
 
 def advance_ops(
-    entry: DueEntry, next_fire_at: datetime | None, completed: bool, watches: Sequence[Watch] = ()
+    entry: DueEntry,
+    next_fire_at: datetime | None,
+    completed: bool,
+    watches: Sequence[Watch] = (),
+    fired: int = 0,
 ) -> list[Op]:
     """Delete the due row (conditional on its etag: the lock against a concurrent tick or edit),
-    merge the routine's next fire, insert the moved due row, and watch each fire enqueued (the
-    outbox: a fire whose message is lost after this write is sent again by the repair pass)."""
+    merge the routine's next fire (and its count of fires, ``fired`` more), insert the moved due row,
+    and watch each fire enqueued (the outbox: a fire whose message is lost after this write is sent
+    again by the repair pass)."""
     key = {"PartitionKey": ROUTINE_PK, "RowKey": due_rk(entry.fire_at, entry.routine_id)}
     patch: dict[str, Any] = {
         "PartitionKey": ROUTINE_PK,
@@ -279,9 +310,11 @@ def advance_ops(
         patch["NextFireAt"] = iso(next_fire_at)
     if completed:
         patch["State"] = "completed"
+    if fired:
+        patch["FireCount"] = entry.fire_count + fired
     ops: list[Op] = [("delete", key, entry.etag), ("merge", patch, None)]
     if next_fire_at is not None:
-        ops.append(("insert", moved_due_row(entry, next_fire_at), None))
+        ops.append(("insert", moved_due_row(entry, next_fire_at, fired), None))
     return ops + watch_ops(watches)
 
 

@@ -92,7 +92,7 @@ class MemoryStore(PlanStore):
         results = []
         for a in advances:
             try:
-                ops = codec.advance_ops(a.entry, a.next_fire_at, a.completed, a.watches)
+                ops = codec.advance_ops(a.entry, a.next_fire_at, a.completed, a.watches, a.fired)
                 self._transact(self._routines, ops)
                 results.append(True)
             except (Conflict, NotFound, PreconditionFailed):

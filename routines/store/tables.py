@@ -237,7 +237,9 @@ class TableStore(PlanStore):
         they share a partition; a batch that fails is replayed one advance at a time so one lost race
         costs only itself."""
         results: list[bool] = []
-        plans = [codec.advance_ops(a.entry, a.next_fire_at, a.completed, a.watches) for a in advances]
+        plans = [
+            codec.advance_ops(a.entry, a.next_fire_at, a.completed, a.watches, a.fired) for a in advances
+        ]
         chunks: list[list[int]] = []
         size = 0
         for index, plan in enumerate(plans):

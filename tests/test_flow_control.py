@@ -1,0 +1,336 @@
+"""Flow control (README "Flow control"), the schedule's side: ``start_at`` / ``end_at``, ``max_fires``
+with ``fire_count``, ``jitter_seconds`` with ``dispatch_at``, and ``pause_after_failures`` with
+``disabled_reason``. End to end on the in-memory store with a fake clock: the API, the minute tick,
+the dispatcher, the repair pass and a scripted agent. Every bad value is a ``422`` naming the field,
+and nothing is stored or changed."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from routines import decide, schedule, scheduler
+from routines.agents.base import AgentError
+from routines.models import RoutineState, Run, RunStatus, ScheduleTrigger
+from routines.repair import repair
+from routines.scheduler import Bounds, plan_fires
+from tests.test_steps import REPAIR_AFTER, T0, World
+
+EVERY_10S = {"type": "schedule", "cron_expression": "*/10 * * * * *"}
+ECHO = [{"type": "invocation", "agent_id": "echo", "input": "go"}]
+
+
+class Fleet(World):
+    """``World`` with the minute tick running, as the timer trigger runs it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_tick = self.next_repair = T0
+
+    def run_for(self, seconds: float, step: float = 1.0) -> None:
+        end = self.clock() + timedelta(seconds=seconds)
+        while self.clock() < end:
+            now = self.clock()
+            if now >= self.next_tick:
+                scheduler.tick(self.store, self.queue, now)
+                self.next_tick = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+            if now >= self.next_repair:
+                repair(self.store, self.queue, now, REPAIR_AFTER, "repairer")
+                self.next_repair = now + timedelta(seconds=15)
+            self.deliver_due()
+            self.clock.now += timedelta(seconds=step)
+        self.deliver_due()
+
+    def routine(self, routine_id: str) -> dict[str, Any]:
+        response = self.call("get_routine", id=routine_id)
+        assert response.status == 200, response.body
+        return dict(response.body)
+
+    def runs(self, routine_id: str) -> list[Run]:
+        found = self.store.list_runs(routine_id, None, 200, None).items
+        return sorted(found, key=lambda r: r.scheduled_for)
+
+    def patch(self, routine_id: str, body: dict[str, Any]) -> Any:
+        return self.call("patch_routine", body, id=routine_id)
+
+
+def a_fleet() -> Fleet:
+    fleet = Fleet()
+    fleet.clock.now = T0 + timedelta(seconds=0.5)  # half a second into the minute, as a user would be
+    return fleet
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+LATER = (T0 + timedelta(days=1)).isoformat()
+SOONER = (T0 + timedelta(hours=1)).isoformat()
+WEBHOOK = {"type": "webhook", "secret_setting": "HOOK_SECRET"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "loc"),
+    [
+        pytest.param({"jitter_seconds": 3601}, ["jitter_seconds"], id="jitter-over-an-hour"),
+        pytest.param({"jitter_seconds": -1}, ["jitter_seconds"], id="jitter-negative"),
+        pytest.param({"jitter_seconds": 11}, ["jitter_seconds"], id="jitter-over-the-interval"),
+        pytest.param({"jitter_seconds": "5"}, ["jitter_seconds"], id="jitter-a-string"),
+        pytest.param({"start_at": LATER, "end_at": SOONER}, ["end_at"], id="end-before-start"),
+        pytest.param({"end_at": (T0 - timedelta(seconds=1)).isoformat()}, ["end_at"], id="end-in-the-past"),
+        pytest.param({"end_at": "2026-07-01"}, ["end_at"], id="end-not-rfc3339"),
+        pytest.param({"max_fires": 0}, ["max_fires"], id="max-fires-0"),
+        pytest.param({"max_fires": True}, ["max_fires"], id="max-fires-a-boolean"),
+        pytest.param({"pause_after_failures": -1}, ["pause_after_failures"], id="pause-negative"),
+        pytest.param({"pause_after_failures": 101}, ["pause_after_failures"], id="pause-over-100"),
+        pytest.param(
+            {"trigger": {"type": "timer", "at": LATER}, "end_at": SOONER},
+            ["trigger", "at"],
+            id="timer-after-end",
+        ),
+        pytest.param({"trigger": WEBHOOK, "jitter_seconds": 5}, ["jitter_seconds"], id="webhook-jitter"),
+        pytest.param({"trigger": WEBHOOK, "max_fires": 5}, ["max_fires"], id="webhook-max-fires"),
+        pytest.param({"trigger": WEBHOOK, "end_at": LATER}, ["end_at"], id="webhook-end"),
+    ],
+)
+def test_a_bad_flow_control_is_422_naming_the_field_and_nothing_is_stored(
+    fields: dict[str, Any], loc: list[Any]
+) -> None:
+    fleet = a_fleet()
+    fleet.api.service.settings = dataclasses.replace(
+        fleet.api.service.settings, app_settings={"HOOK_SECRET": "whsec_" + "a" * 32}
+    )
+    body = {"name": "bad", "trigger": EVERY_10S, "actions": ECHO, **fields}
+    response = fleet.call("create_routine", body)
+    assert response.status == 422, response.body
+    assert loc in [e["loc"] for e in response.body["errors"]], response.body
+    assert fleet.store.list_routines(None, 10, None).items == []
+
+
+def test_a_bad_flow_control_in_a_patch_is_422_and_changes_nothing() -> None:
+    fleet = a_fleet()
+    rid = fleet.create(ECHO, trigger=EVERY_10S)
+    before = fleet.routine(rid)
+    for patch in (
+        {"max_fires": 0},
+        {"end_at": (T0 - timedelta(minutes=1)).isoformat()},
+        {"jitter_seconds": 30},
+        {"start_at": LATER, "end_at": SOONER},
+    ):
+        response = fleet.patch(rid, patch)
+        assert response.status == 422, (patch, response.body)
+    assert fleet.routine(rid) == before
+
+
+def test_a_preview_with_jitter_needs_the_routine_id() -> None:
+    fleet = a_fleet()
+    response = fleet.call("preview", {"trigger": EVERY_10S, "jitter_seconds": 5})
+    assert response.status == 422
+    assert response.body["errors"][0]["loc"] == ["routine_id"]
+    response = fleet.call(
+        "preview", {"trigger": EVERY_10S, "jitter_seconds": 11, "routine_id": "rt_" + "0" * 16}
+    )
+    assert (response.status, response.body["errors"][0]["loc"]) == (422, ["jitter_seconds"])
+    unknown = fleet.call("preview", {"trigger": EVERY_10S, "routine_id": "rt_" + "0" * 16})
+    assert unknown.status == 404, "the routine's own jitter is read"
+
+
+# --- the plan, pure ---------------------------------------------------------------------------------
+
+CRON = ScheduleTrigger(type="schedule", cron_expression="*/10 * * * * *")
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+SIX = [at(s) for s in (10, 20, 30, 40, 50, 60)]  # the fires before the horizon (0:70) from 0:10
+
+
+@pytest.mark.parametrize(
+    ("fire_at", "now", "bounds", "fires", "next_fire_at", "completed", "coalesced"),
+    [
+        pytest.param(at(10), at(0), Bounds(), SIX, at(70), False, 0, id="no-bounds"),
+        pytest.param(at(10), at(0), Bounds(end_at=at(30)), SIX[:3], None, True, 0, id="end-at-is-inclusive"),
+        pytest.param(at(10), at(0), Bounds(end_at=at(300)), SIX, at(70), False, 0, id="end-beyond-horizon"),
+        pytest.param(at(10), at(0), Bounds(remaining=2), SIX[:2], None, True, 0, id="max-fires-cuts"),
+        pytest.param(at(10), at(0), Bounds(remaining=6), SIX, None, True, 0, id="max-fires-reached-exactly"),
+        pytest.param(at(10), at(0), Bounds(remaining=0), [], None, True, 0, id="nothing-left"),
+        pytest.param(at(80), at(0), Bounds(end_at=at(75)), [], None, True, 0, id="next-fire-past-the-end"),
+        # A late tick at 0:45 with end_at 0:25: the latest past fire inside the bounds runs, for all.
+        pytest.param(
+            at(10), at(45), Bounds(end_at=at(25)), [at(20)], None, True, 1, id="late-tick-keeps-end"
+        ),
+        pytest.param(at(10), at(45), Bounds(remaining=1), [at(40)], None, True, 3, id="late-tick-one-left"),
+    ],
+)
+def test_plan_fires_within_bounds(
+    fire_at: datetime,
+    now: datetime,
+    bounds: Bounds,
+    fires: list[datetime],
+    next_fire_at: datetime | None,
+    completed: bool,
+    coalesced: int,
+) -> None:
+    until = at(70)
+    plan = plan_fires(CRON, fire_at, 3600, now, until, bounds)
+    assert (plan.fires, plan.next_fire_at, plan.completed, plan.coalesced) == (
+        fires,
+        next_fire_at,
+        completed,
+        coalesced,
+    )
+    assert plan.counted == len(fires)
+
+
+def test_a_missed_record_counts_as_one_fire() -> None:
+    plan = plan_fires(CRON, at(10), 30, at(3600), at(3610), Bounds(remaining=1))
+    assert plan.missed is not None and plan.fires == [] and plan.completed and plan.counted == 1
+
+
+def test_the_jitter_offset_is_deterministic_and_within_bounds() -> None:
+    offsets = {schedule.jitter_offset("rt_a", at(i * 60), 30) for i in range(200)}
+    assert all(timedelta(0) <= o < timedelta(seconds=30) for o in offsets)
+    assert len(offsets) > 150, "spread over the window, not one value"
+    assert schedule.jitter_offset("rt_a", at(60), 30) == schedule.jitter_offset("rt_a", at(60), 30)
+    assert schedule.jitter_offset("rt_a", at(60), 30) != schedule.jitter_offset("rt_b", at(60), 30)
+    assert schedule.jitter_offset("rt_a", at(60), 0) == timedelta(0)
+
+
+# --- end to end -------------------------------------------------------------------------------------
+
+
+def test_max_fires_runs_that_many_then_completes_and_a_patch_resumes() -> None:
+    fleet = a_fleet()
+    rid = fleet.create(ECHO, trigger=EVERY_10S, max_fires=3)
+    fleet.run_for(90)
+    runs = fleet.runs(rid)
+    assert [r.scheduled_for for r in runs] == [at(10), at(20), at(30)]
+    assert all(r.status is RunStatus.succeeded for r in runs)
+    routine = fleet.routine(rid)
+    assert (routine["state"], routine["fire_count"], routine["next_fire_at"]) == ("completed", 3, None)
+    assert fleet.call("enable_routine", id=rid).status == 409, "completed: PATCH max_fires to go on"
+    assert fleet.patch(rid, {"max_fires": 5}).status == 200
+    fleet.run_for(60)
+    routine = fleet.routine(rid)
+    assert (routine["state"], routine["fire_count"]) == ("completed", 5)
+    assert len(fleet.runs(rid)) == 5
+
+
+def test_manual_runs_do_not_count_towards_max_fires() -> None:
+    fleet = a_fleet()
+    rid = fleet.create(ECHO, trigger=EVERY_10S, max_fires=2)
+    fleet.dispatch(rid)
+    fleet.run_for(60)
+    routine = fleet.routine(rid)
+    assert (routine["state"], routine["fire_count"]) == ("completed", 2)
+    triggers = sorted(r.trigger.value for r in fleet.runs(rid))
+    assert triggers == ["manual", "schedule", "schedule"]
+
+
+def test_start_at_and_end_at_bound_the_fires_and_the_routine_completes() -> None:
+    fleet = a_fleet()
+    rid = fleet.create(ECHO, trigger=EVERY_10S, start_at=at(95).isoformat(), end_at=at(150).isoformat())
+    assert fleet.routine(rid)["next_fire_at"] == "2026-06-01T12:01:40Z"
+    fleet.run_for(240)
+    assert [r.scheduled_for for r in fleet.runs(rid)] == [at(s) for s in (100, 110, 120, 130, 140, 150)]
+    routine = fleet.routine(rid)
+    assert (routine["state"], routine["fire_count"]) == ("completed", 6)
+
+
+def test_jitter_starts_each_fire_at_its_offset_and_the_preview_and_routine_say_when() -> None:
+    fleet = a_fleet()
+    every_minute = {"type": "schedule", "cron_expression": "0 * * * * *"}
+    rid = fleet.create(ECHO, trigger=every_minute, jitter_seconds=45)
+    routine = fleet.routine(rid)
+    assert routine["next_fire_at"] == "2026-06-01T12:01:00Z"
+    offset = schedule.jitter_offset(rid, at(60), 45)
+    assert datetime.fromisoformat(routine["next_dispatch_at"]) == at(60) + offset
+    preview = fleet.call(
+        "preview", {"trigger": every_minute, "routine_id": rid, "after": at(0).isoformat(), "count": 3}
+    )
+    assert preview.status == 200
+    fleet.run_for(240)
+    runs = [r for r in fleet.runs(rid) if r.scheduled_for <= at(180)]
+    assert [r.scheduled_for for r in runs] == [at(60), at(120), at(180)]
+    assert [r.dispatch_at for r in runs] == [
+        f + schedule.jitter_offset(rid, f, 45) for f in (at(60), at(120), at(180))
+    ]
+    assert preview.body["dispatch_at"] == [r.public()["dispatch_at"] for r in runs]
+    started = fleet.agent.started_at("echo")[:3]
+    assert all(s >= r.dispatch_at for s, r in zip(started, runs, strict=True)), "never before its time"
+    assert all(r.status is RunStatus.succeeded for r in runs)
+
+
+def test_a_jittered_fire_whose_message_is_lost_is_sent_again_after_its_dispatch_time() -> None:
+    fleet = a_fleet()
+    rid = fleet.create(ECHO, trigger={"type": "timer", "at": at(30).isoformat()}, jitter_seconds=600)
+    dispatch_at = at(30) + schedule.jitter_offset(rid, at(30), 600)
+    lost = fleet.queue.take_all()
+    assert [m.dispatch_at for _, m in lost] == [dispatch_at]
+    fleet.run_for((dispatch_at - fleet.clock()).total_seconds() - 1, step=5)
+    assert fleet.runs(rid) == [], "the repair pass does not send it before its time"
+    fleet.run_for(decide.FIRST_CHECK.total_seconds() + 30, step=5)
+    [run] = fleet.runs(rid)
+    assert run.status is RunStatus.succeeded and run.dispatch_at == dispatch_at
+    assert fleet.agent.started_at("echo")[0] >= dispatch_at
+
+
+FAILS = AgentError("agent exploded", retriable=False)
+
+
+def test_pause_after_failures_disables_the_routine_and_enable_clears_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fleet = a_fleet()
+    rid = fleet.create(ECHO, trigger=EVERY_10S, pause_after_failures=3)
+    fleet.agent.replies["echo"] = ["ok", FAILS, FAILS, "ok", FAILS, FAILS, FAILS]
+    with caplog.at_level(logging.WARNING, logger="routines.lifecycle"):
+        fleet.run_for(80)
+    statuses = [r.status.value for r in fleet.runs(rid)]
+    assert statuses == ["succeeded", "failed", "failed", "succeeded", "failed", "failed", "failed"]
+    routine = fleet.routine(rid)
+    assert (routine["state"], routine["disabled_reason"]) == ("disabled", "failures")
+    assert any("disabled after 3 failed runs in a row" in r.getMessage() for r in caplog.records)
+    assert fleet.call("enable_routine", id=rid).status == 200
+    assert fleet.routine(rid)["disabled_reason"] is None
+    fleet.agent.replies["echo"] = [FAILS]
+    fleet.run_for(20)
+    assert fleet.routine(rid)["state"] == "enabled", "the streak starts again from the enable"
+    fleet.run_for(20)
+    assert fleet.routine(rid)["disabled_reason"] == "failures"
+
+
+def test_a_disable_through_the_api_says_manual() -> None:
+    fleet = a_fleet()
+    rid = fleet.create(ECHO, trigger=EVERY_10S)
+    assert fleet.call("disable_routine", id=rid).body["disabled_reason"] == "manual"
+    assert fleet.call("enable_routine", id=rid).body["disabled_reason"] is None
+
+
+def test_a_failure_its_worker_did_not_count_is_counted_by_the_repair_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fleet = a_fleet()
+    rid = fleet.create(ECHO, trigger={"type": "timer", "at": at(10).isoformat()}, pause_after_failures=1)
+    fleet.agent.replies["echo"] = [FAILS]
+    perform = fleet.dispatcher._perform
+
+    def dies_after_the_final_write(facts: Any, effect: Any) -> Any:
+        if isinstance(effect, decide.CountOutcome | decide.Unwatch):
+            return None  # the worker is gone: neither the count nor the unwatch happens
+        return perform(facts, effect)
+
+    monkeypatch.setattr(fleet.dispatcher, "_perform", dies_after_the_final_write)
+    fleet.run_for(20)
+    assert [r.status for r in fleet.runs(rid)] == [RunStatus.failed]
+    assert fleet.routine(rid)["state"] == "completed", "a timer completes when it has fired"
+    routine = fleet.store.get_routine(rid)[0]
+    assert routine.failures == []
+    fleet.run_for(decide.FIRST_CHECK.total_seconds() + 30)
+    routine = fleet.store.get_routine(rid)[0]
+    assert routine.failures == [fleet.runs(rid)[0].id], "counted once, by the repair pass"
+    assert routine.state is RoutineState.completed, "a completed routine is not disabled"
