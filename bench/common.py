@@ -336,15 +336,18 @@ class Devhost:
     """``python -m routines.devhost --no-timers`` as a process: a dispatch worker polling one queue with
     the ``host.json`` settings (batch 16, new batch at 8 in flight, polling back-off up to 1 s)."""
 
-    def __init__(self, env: dict[str, str], log: Path, timers: bool = False) -> None:
+    def __init__(self, env: dict[str, str], log: Path, timers: bool = False, python: str = PYTHON) -> None:
         self.env = env
         self.log = log
         self.timers = timers
+        self.python = python
+        self.port = 0  # the HTTP port of the last start
         self.process: subprocess.Popen[str] | None = None
 
     def start(self, wait: bool = True) -> Devhost:
         full_env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        args = [PYTHON, "-m", "routines.devhost", "--port", str(free_ports(1)[0])]
+        self.port = free_ports(1)[0]
+        args = [self.python, "-m", "routines.devhost", "--port", str(self.port)]
         if not self.timers:
             args.append("--no-timers")
         self._log_file = open(self.log, "a", encoding="utf-8")  # noqa: SIM115 - open while it runs

@@ -2,8 +2,9 @@
 
 Each one is its own process (a fresh Azurite each), run one after another so they never compete for
 the machine's cores; a failure is reported and the others still run. Without names, all run, in this
-order: tick_cost, requests_per_fire, throughput, on_time, compute_per_fire, webhooks, apscheduler_peer
-(the last waits ~11 minutes for killed in-flight fires to come back unless ``--quick``).
+order: tick_cost, requests_per_fire, throughput, on_time, compute_per_fire, approval_wait, cold_start,
+webhooks, apscheduler_peer (the last waits ~11 minutes for killed in-flight fires to come back unless
+``--quick``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ ORDER = (
     "throughput",
     "on_time",
     "compute_per_fire",
+    "approval_wait",
+    "cold_start",
     "webhooks",
     "apscheduler_peer",
 )
