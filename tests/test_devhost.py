@@ -38,6 +38,8 @@ from routines.devhost import (
     RouteTemplate,
     Schedule,
     discover_functions,
+    find_function_app,
+    load_app_module,
     parse_timespan,
 )
 
@@ -765,6 +767,37 @@ def test_schedule_next_after(expression: str, after: str, expected: str) -> None
 def test_schedule_rejects_invalid_expression() -> None:
     with pytest.raises(DevHostError, match="function tick"):
         Schedule("every day at noon", "function tick")
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        pytest.param("@daily", id="macro"),  # routines accept macros; NCRONTAB has none
+        pytest.param("0 0 0 30 2 *", id="never_fires"),
+        pytest.param("0 0 12 * * 1#2", id="nth_weekday"),
+        pytest.param("0 0 12 * * * 2027", id="year_field"),
+    ],
+)
+def test_schedule_rejects_what_ncrontab_does_not_run(expression: str) -> None:
+    with pytest.raises(DevHostError, match="is not a valid NCRONTAB expression"):
+        Schedule(expression, "function tick")
+
+
+def test_the_apps_own_timer_schedules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """function_app.py's timer triggers, as the devhost reads them (through ``routines.schedule``)."""
+    monkeypatch.setitem(sys.modules, "function_app", sys.modules.get("function_app"))  # restored after
+    specs = discover_functions(find_function_app(load_app_module(ROOT)), {})
+    after = datetime(2026, 11, 29, 20, 7, 0, tzinfo=UTC)
+    next_fires = {
+        s.name: Schedule(str(s.trigger["schedule"]), s.name).next_after(after)
+        for s in specs
+        if s.trigger_type == "timerTrigger"
+    }
+    assert next_fires == {
+        "tick": datetime(2026, 11, 29, 20, 8, 0, tzinfo=UTC),
+        "repair": datetime(2026, 11, 29, 20, 7, 15, tzinfo=UTC),
+        "purge_runs": datetime(2026, 11, 30, 3, 30, 0, tzinfo=UTC),
+    }
 
 
 @pytest.mark.azurite

@@ -1,4 +1,5 @@
-"""Timer triggers: NCRONTAB or TimeSpan schedules, in UTC, one thread per function."""
+"""Timer triggers: NCRONTAB (read by ``routines.schedule``) or TimeSpan schedules, in UTC, one thread per
+function."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 from azure.functions.timer import TimerRequest
-from croniter import croniter
 
 from routines.devhost.functions import FunctionSpec
 from routines.devhost.settings import DevHostError, parse_timespan
+from routines.schedule import CronSchedule, ScheduleError, parse_cron
 
 log = logging.getLogger("routines.devhost")
 
@@ -18,30 +19,38 @@ PAST_DUE_AFTER = timedelta(seconds=1)
 
 
 class Schedule:
-    """A timer trigger schedule: NCRONTAB (6 fields, seconds first; or 5 fields) or a TimeSpan, in UTC."""
+    """A timer trigger schedule: NCRONTAB (6 fields, seconds first; or 5 fields) or a TimeSpan, in UTC.
+
+    NCRONTAB is read by ``routines.schedule``, the cron engine of the routines themselves (fields,
+    ranges, steps, lists, month and weekday names). One difference from the Functions host: when both
+    day fields are restricted, a day matching either fires (cron's rule); NCRONTAB needs both.
+    """
 
     def __init__(self, expression: str, where: str) -> None:
         self.expression = expression.strip()
         fields = self.expression.split()
         self.interval: timedelta | None = None
         self.seconds_first = len(fields) == 6
+        self._cron: CronSchedule | None = None
         if len(fields) == 1 and ":" in self.expression:
             self.interval = timedelta(seconds=parse_timespan(self.expression, where))
             if self.interval <= timedelta(0):
                 raise DevHostError(f"{where}: interval {expression!r} must be positive")
             return
-        if len(fields) not in (5, 6) or not croniter.is_valid(
-            self.expression, second_at_beginning=self.seconds_first
-        ):
-            raise DevHostError(f"{where}: {expression!r} is not a valid NCRONTAB expression")
+        invalid = f"{where}: {expression!r} is not a valid NCRONTAB expression"
+        if len(fields) not in (5, 6):  # macros such as @daily too: the Functions host has none
+            raise DevHostError(invalid)
+        try:
+            self._cron = parse_cron(self.expression)
+        except ScheduleError as exc:
+            raise DevHostError(invalid) from exc
 
     def next_after(self, moment: datetime) -> datetime:
         """The first occurrence strictly after ``moment`` (an aware datetime), in UTC."""
-        if self.interval is not None:
+        if self._cron is None:
+            assert self.interval is not None
             return moment + self.interval
-        cron = croniter(self.expression, moment.astimezone(UTC), second_at_beginning=self.seconds_first)
-        occurrence: datetime = cron.get_next(datetime)
-        return occurrence.astimezone(UTC)
+        return self._cron.next_after(moment)
 
 
 class TimerRunner:
