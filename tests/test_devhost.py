@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -42,9 +42,9 @@ from routines.devhost import (
     load_app_module,
     parse_timespan,
 )
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
 
 APP = """
 import json
@@ -141,20 +141,6 @@ HOST_JSON = {
 
 
 # -- helpers --------------------------------------------------------------------------------------------
-
-
-def wait_for(
-    condition: Callable[[], T | None], timeout: float, what: str, details: Callable[[], str] = str
-) -> T:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{details()}")
-        time.sleep(0.05)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

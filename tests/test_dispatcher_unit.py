@@ -16,15 +16,13 @@ from routines.models import (
     InvocationAction,
     OverlapPolicy,
     Routine,
-    RoutineState,
     Run,
     RunStatus,
-    ScheduleTrigger,
     scheduled_run_id,
 )
 from routines.store import SlotWrite
 from routines.store.memory import MemoryStore
-from tests.helpers import Clock
+from tests.helpers import Clock, make_routine
 
 FIRE = datetime(2026, 11, 30, 6, 0, tzinfo=UTC)
 
@@ -53,20 +51,16 @@ class SlowAgent:
         self.cancels += 1
 
 
-def make_routine(
+def stored_routine(
     store: MemoryStore, timeout: int = 3600, overlap: OverlapPolicy = OverlapPolicy.allow_all
 ) -> Routine:
-    routine = Routine(
+    routine = make_routine(
+        "slow",
         id="rt_00000000000000aa",
-        name="slow",
-        state=RoutineState.enabled,
-        version=1,
-        trigger=ScheduleTrigger(type="schedule", cron_expression="0 6 * * *"),
         actions=[InvocationAction(type="invocation", agent_id="a", input="x")],
         overlap_policy=overlap,
         timeout_seconds=timeout,
-        created_at=FIRE,
-        updated_at=FIRE,
+        now=FIRE,
     )
     store.create_routine(routine)
     return routine
@@ -98,7 +92,7 @@ def fire_message(routine: Routine) -> DispatchMessage:
 
 def handler_calls_for(duration: float) -> int:
     store, queue, clock = MemoryStore(), MemoryQueue(), Clock(FIRE)
-    routine = make_routine(store)
+    routine = stored_routine(store)
     agent = SlowAgent(clock, duration)
     dispatcher = Dispatcher(store, queue, agent, clock=clock, sleep=clock.sleep)
     queue.send(fire_message(routine))
@@ -137,7 +131,7 @@ class BlipStore(MemoryStore):
 def test_the_outcome_write_is_retried_through_a_storage_blip() -> None:
     for answer_lost in (False, True):
         store, queue, clock = BlipStore(answer_lost), MemoryQueue(), Clock(FIRE)
-        routine = make_routine(store, overlap=OverlapPolicy.skip)
+        routine = stored_routine(store, overlap=OverlapPolicy.skip)
         agent = SlowAgent(clock, 0)
         agent.start = lambda call: AgentOutcome(done=True, output="at once")  # type: ignore[method-assign]
         Dispatcher(store, queue, agent, clock=clock, sleep=clock.sleep).handle(fire_message(routine).encode())

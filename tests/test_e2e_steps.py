@@ -4,14 +4,14 @@ A diamond (a -> b, c in parallel -> d using both outputs), and an approval appro
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.devhost_process import devhost_process
 from tests.fake_agent import FakeAgent, Reply
+from tests.helpers import wait_for
 from tests.test_e2e import Client
 
 pytestmark = pytest.mark.e2e
@@ -29,17 +29,6 @@ def devhost(storage_env: dict[str, str], agent: FakeAgent) -> Iterator[Client]:
     settings = {**storage_env, "ROUTINES_AGENT_BACKEND": "http", "ROUTINES_AGENT_ENDPOINT": agent.url}
     with devhost_process(settings) as base:
         yield Client(f"{base}/api")
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """Poll ``check`` until it returns something truthy (a generous deadline, not a timing claim)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"not reached within {timeout}s")
 
 
 def create(devhost: Client, name: str, actions: list[dict[str, Any]], **fields: Any) -> str:

@@ -6,11 +6,8 @@ to show what the SDK cannot (the same cron error through ``/api/routines``).
 
 from __future__ import annotations
 
-import json
 import re
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -35,6 +32,7 @@ from azure.core.pipeline.policies import SansIOHTTPPolicy
 
 from tests.devhost_process import devhost_process
 from tests.fake_agent import FakeAgent
+from tests.helpers import request_json
 
 pytestmark = pytest.mark.e2e
 
@@ -115,17 +113,8 @@ def daily(cron: str = "0 6 * * *", zone: str = "Europe/Paris") -> dict[str, Sche
 
 
 def rest(app: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{app}/api{path}", data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        return exc.code, json.loads(raw) if raw else None
+    status, _, answer = request_json(method, f"{app}/api{path}", body, {"Content-Type": "application/json"})
+    return status, answer
 
 
 def routine_names(app: str) -> set[str]:

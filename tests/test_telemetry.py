@@ -38,6 +38,7 @@ from routines.models import RunStatus
 from routines.scheduler import tick
 from routines.store.memory import MemoryStore
 from tests.fake_agent import FakeAgent, Reply
+from tests.helpers import Clock
 
 AGENT = "flaky-agent"
 SECRET_INPUT = "do-not-log-7f3a91c2"  # appears only in the routine's input
@@ -84,17 +85,6 @@ def otel() -> Iterator[Otel]:
     _session.metric_points()  # drop what earlier tests recorded
     yield _session
     _session.spans.clear()
-
-
-@dataclass
-class Clock:
-    now: datetime
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @dataclass

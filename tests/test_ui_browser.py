@@ -15,8 +15,6 @@ import json
 import os
 import re
 import shutil
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +26,7 @@ from routines.azurite import Azurite
 from tests.conftest import ExternalStorage
 from tests.devhost_process import devhost_process
 from tests.fake_agent import FakeAgent
+from tests.helpers import request_json
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
 Browser = playwright_api.Browser
@@ -56,19 +55,9 @@ class Api:
         self.base = base
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        request = urllib.request.Request(
-            f"{self.base}/api/{path}",
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={"Content-Type": "application/json", "x-functions-key": KEY},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                raw = response.read()
-                return response.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            return exc.code, json.loads(raw) if raw else None
+        headers = {"Content-Type": "application/json", "x-functions-key": KEY}
+        status, _, answer = request_json(method, f"{self.base}/api/{path}", body, headers)
+        return status, answer
 
     def create(self, name: str, trigger: dict[str, Any], agent: str = "echo", **extra: Any) -> dict[str, Any]:
         body = {
