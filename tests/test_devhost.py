@@ -574,7 +574,10 @@ def test_function_key_guards_non_anonymous_routes_only(tmp_path: Path) -> None:
     try:
         assert host.route_url("pages") == f"{host.url}/api/pages"
         assert host.route_url("nothing") is None
-        get = lambda path, **kw: httpx.get(f"{host.url}/api/{path}", timeout=5, **kw)  # noqa: E731
+
+        def get(path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+            return httpx.get(f"{host.url}/api/{path}", timeout=5, headers=headers)
+
         assert (get("secret").status_code, get("secret").content) == (401, b"")
         assert get("secret", headers={"x-functions-key": "wrong"}).status_code == 401
         assert get("secret", headers={"x-functions-key": "k3y"}).text == "secret"

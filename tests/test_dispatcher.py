@@ -276,6 +276,7 @@ def test_the_same_fire_delivered_twice_calls_the_agent_once(rig: Rig) -> None:
     [start] = rig.agent.starts()
     assert start.idempotency_key == run.idempotency_key == idempotency_key(routine.id, message.scheduled_for)
     assert start.attempt == 1 and start.headers["authorization"] == f"Bearer {TOKEN}"
+    assert isinstance(routine.actions[0], InvocationAction)
     assert run.actions[0].output == routine.actions[0].input
     assert run.id == scheduled_run_id(routine.id, message.scheduled_for)
 

@@ -199,15 +199,19 @@ def test_disabling_a_buffer_one_routine_cancels_its_waiting_run_and_frees_the_sl
 def test_storage_sdk_retries_of_queue_and_tables_last_seconds_not_a_minute() -> None:
     """The queue SDK's own default (15, 18, 24 s) held an API call or a tick for a minute on one
     refused send; each client retries 3 times within about 10 s, and the layers above take over."""
+    from azure.core.pipeline.policies import RetryPolicy
+    from azure.storage.queue import ExponentialRetry
+
     from routines.config import Settings, StorageTarget
     from routines.runtime import storage_clients
 
     settings = Settings(StorageTarget("UseDevelopmentStorage=true"), min_interval_seconds=1)
     tables, queue = storage_clients(settings)
     for retry in (queue.client._config.retry_policy, queue.poison_client._config.retry_policy):
-        assert retry.total_retries == 3
+        assert isinstance(retry, ExponentialRetry) and retry.total_retries == 3
         waits = [retry.get_backoff_time({"count": count}) for count in range(3)]
         assert sum(waits) <= 10, waits
     table_retry = tables._client._client._pipeline._impl_policies  # azure-core's pipeline
     [policy] = [p for p in table_retry if type(p).__name__.endswith("RetryPolicy")]
+    assert isinstance(policy, RetryPolicy)
     assert policy.total_retries == 3 and policy.backoff_factor == 0.4

@@ -3,6 +3,7 @@ A diamond (a -> b, c in parallel -> d using both outputs), and an approval appro
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -105,7 +106,7 @@ def test_a_diamond_runs_its_middle_steps_in_parallel_and_joins_their_outputs(
         assert step["started_at"] <= step["ended_at"]
 
 
-GATED = [
+GATED: list[dict[str, Any]] = [
     {"type": "invocation", "agent_id": "writer", "id": "draft", "input": "write it"},
     {"type": "approval", "id": "review", "timeout_seconds": 3600},
     {"type": "invocation", "agent_id": "mailer", "id": "send", "input": "send: {{steps.draft.output}}"},
@@ -123,7 +124,7 @@ def test_an_approval_approved_and_one_rejected(devhost: Client, agent: FakeAgent
     rid = create(devhost, "gated", GATED, overlap_policy="allow_all")
     approved, rejected = dispatch(devhost, rid), dispatch(devhost, rid)
     for run_id in (approved, rejected):
-        run = wait_for(lambda run_id=run_id: waiting(devhost, rid, run_id))
+        run = wait_for(functools.partial(waiting, devhost, rid, run_id))
         assert [s["status"] for s in run["actions"]] == ["succeeded", "waiting", "pending"]
     status, _, page = devhost.call("GET", f"/routines/{rid}/runs?status=waiting")
     assert status == 200 and {r["id"] for r in page["items"]} == {approved, rejected}

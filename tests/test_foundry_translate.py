@@ -251,6 +251,7 @@ def test_foundry_routine_reads_back_through_the_sdk_model(
     assert rendered["enabled"] is enabled and rendered["created_at"] == T0_UNIX
     model = foundry.Routine(rendered)
     assert model.name == "daily-scan" and model.enabled is enabled and model.created_at == T0
+    assert model.triggers is not None
     (trigger,) = model.triggers.values()
     assert isinstance(trigger, foundry.ScheduleRoutineTrigger | foundry.TimerRoutineTrigger)
     assert isinstance(model.action, foundry.InvokeAgentResponsesApiRoutineAction)

@@ -397,7 +397,7 @@ def test_a_webhook_delivery_span_is_the_root_of_its_runs_trace(otel: Otel) -> No
         spans["routines.dispatch.fire"],
         spans["routines.agent.start"],
     )
-    assert hook.kind is SpanKind.SERVER
+    assert hook.kind is SpanKind.SERVER and hook.attributes is not None
     assert hook.attributes["run.id"] == run_id and hook.attributes["webhook.delivery_id"] == "msg_1"
     assert hook.attributes["routine.id"] == rid and hook.attributes["webhook.outcome"] == 202
     assert dispatch.parent is not None and dispatch.parent.span_id == hook.context.span_id

@@ -17,6 +17,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,8 @@ from tests.devhost_process import devhost_process
 from tests.fake_agent import FakeAgent
 from tests.helpers import request_json
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
-Browser = playwright_api.Browser
-Page = playwright_api.Page
-expect = playwright_api.expect
+pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
+from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM:
@@ -43,8 +42,8 @@ pytestmark = pytest.mark.e2e
 
 KEY = "test-function-key-" + uuid.uuid4().hex[:8]
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
-DESKTOP = {"width": 1280, "height": 800}
-PHONE = {"width": 390, "height": 844}
+DESKTOP: ViewportSize = {"width": 1280, "height": 800}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 expect.set_options(timeout=30_000)  # generous: CI is a loaded 2-core machine
 
 
@@ -106,22 +105,31 @@ def api(host: str) -> Api:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with playwright_api.sync_playwright() as playwright:
+    with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield chromium
         chromium.close()
 
 
-def new_page(browser: Browser, *, key: str | None = KEY, viewport: dict[str, int] = DESKTOP) -> Page:
+@dataclass
+class PageErrors:
+    """What a page reported: errors thrown or logged, and the HTTP statuses its test provokes."""
+
+    js: list[str] = field(default_factory=list)
+    expected_statuses: set[int] = field(default_factory=set)
+
+
+ERRORS: dict[Page, PageErrors] = {}  # of every page new_page made
+
+
+def new_page(browser: Browser, *, key: str | None = KEY, viewport: ViewportSize = DESKTOP) -> Page:
     context = browser.new_context(viewport=viewport, locale="en-GB", timezone_id="UTC")
     if key is not None:
         context.add_init_script(f"sessionStorage.setItem('routines.functionKey', {json.dumps(key)})")
     page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-    page.js_errors = errors  # type: ignore[attr-defined]
-    page.expected_statuses = set()  # type: ignore[attr-defined]
+    errors = ERRORS[page] = PageErrors()
+    page.on("pageerror", lambda error: errors.js.append(str(error)))
+    page.on("console", lambda message: errors.js.append(message.text) if message.type == "error" else None)
     return page
 
 
@@ -131,8 +139,8 @@ def page(browser: Browser) -> Iterator[Page]:
     yield page
     # A thrown error, a CSP violation or a failed request in the page is a defect even when the test's
     # checks passed, but for the statuses a test provokes on purpose.
-    expected = [f"status of {status} " for status in page.expected_statuses]  # type: ignore[attr-defined]
-    errors = [e for e in page.js_errors if not any(x in e for x in expected)]  # type: ignore[attr-defined]
+    expected = [f"status of {status} " for status in ERRORS[page].expected_statuses]
+    errors = [e for e in ERRORS.pop(page).js if not any(x in e for x in expected)]
     page.context.close()
     assert not errors, errors
 
@@ -327,7 +335,7 @@ def test_the_page_refreshes_itself_without_reloading(
 
 
 def test_api_errors_are_shown_as_messages(page: Page, host: str, api: Api) -> None:
-    page.expected_statuses.add(404)  # type: ignore[attr-defined]
+    ERRORS[page].expected_statuses.add(404)
     page.goto(f"{host}/api/ui#/routines/rt_doesnotexist")
     alert = messages(page).get_by_role("alert")
     expect(alert).to_contain_text(re.compile("Could not load this page: 404 Not Found", re.I))
@@ -471,7 +479,7 @@ def test_keyboard_alone_opens_a_routine_and_acts_on_it(page: Page, host: str, ap
 
 @pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["1280x800", "phone"])
 def test_readable_without_horizontal_scrolling(
-    browser: Browser, host: str, api: Api, viewport: dict[str, int]
+    browser: Browser, host: str, api: Api, viewport: ViewportSize
 ) -> None:
     routine = api.create(f"fits-{viewport['width']}", daily("0 7 * * 1"), description="Weekly summary")
     run = api.dispatch(routine["id"])
@@ -487,5 +495,5 @@ def test_readable_without_horizontal_scrolling(
         assert font >= 14
     if viewport is PHONE:
         page.screenshot(path=str(SCREENSHOTS / "dashboard-phone.png"), full_page=True)
-    assert not page.js_errors  # type: ignore[attr-defined]
+    assert not ERRORS.pop(page).js
     page.context.close()
