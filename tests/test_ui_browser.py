@@ -38,7 +38,7 @@ if not CHROMIUM:
         "no Chromium found (apt-get install chromium, or set CHROMIUM=/path)", allow_module_level=True
     )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 KEY = "test-function-key-" + uuid.uuid4().hex[:8]
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
