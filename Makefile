@@ -47,4 +47,4 @@ bench-quick: bench-install
 	$(PY) bench/run_all.py --quick
 
 lint: install
-	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy routines client/routines_client
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy routines client/routines_client tests

@@ -168,8 +168,8 @@ class Process:
 
 # A devhost whose queue poller keeps a taken message invisible PROCESSING_VISIBILITY seconds.
 _DEVHOST = (
-    "import os, sys, routines.devhost as devhost; "
-    "devhost.PROCESSING_VISIBILITY_SECONDS = int(sys.argv.pop(1)); "
+    "import os, sys, routines.devhost as devhost, routines.devhost.queues as queues; "
+    "queues.PROCESSING_VISIBILITY_SECONDS = int(sys.argv.pop(1)); "
     "seed = os.environ.get('SOAK_STORAGE_FAULTS'); "
     "seed and __import__('bench.storage_faults', fromlist=['install']).install(int(seed)); "
     "sys.exit(devhost.main(sys.argv[1:]))"

@@ -221,13 +221,14 @@ class Dispatcher:
         """One conditional write. After an agent call (or for a terminal state) a storage blip is
         retried here: failing would leave the run leased and its agent started again after the
         lease. A retry that finds the etag moved is decided again on a fresh read (it shows whether
-        the earlier try landed)."""
+        the earlier try landed). Not when the store already retried the write itself (``retried``):
+        one retry layer per failure (docs/architecture.md, retries)."""
         pauses = OUTCOME_WRITE_PAUSES if facts.outcome is not None or run.status.terminal else ()
         for pause in (*pauses, None):
             try:
                 return self.store.write_run(run, step.etag, step.slot)
-            except StorageUnavailable:
-                if pause is None:
+            except StorageUnavailable as exc:
+                if pause is None or exc.retried:
                     raise
                 self.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover

@@ -56,7 +56,15 @@ class TooLarge(RoutinesError):
 
 
 class StorageUnavailable(RoutinesError):
-    """Storage could not be reached or answered with a server error."""
+    """Storage could not be reached or answered with a server error.
+
+    ``retried``: the store already tried the request again for its own retry budget, so a caller
+    trying the same call again would only multiply the attempts (docs/architecture.md, retries).
+    """
+
+    def __init__(self, message: str, *, retried: bool = False) -> None:
+        super().__init__(message)
+        self.retried = retried
 
 
 class AgentError(RoutinesError):

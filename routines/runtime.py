@@ -25,8 +25,9 @@ from routines.store.tables import TableStore
 
 log = logging.getLogger(__name__)
 # One SDK retry layer, a few seconds long, so a refused request is retried past a short outage and
-# an API call or a tick is never held for long (the layers above re-queue or answer 503). Tables
-# (azure-core's policy): 0.4, 0.8, 1.6 s. Queues use the storage SDK's own policy, which ignores
+# an API call or a tick is never held for long (the layers above re-queue or answer 503). Table
+# writes turn it off (TableStore._execute retries them; docs/architecture.md, storage retries). Table
+# reads (azure-core's policy) wait 0, 0.8, 1.6 s. Queues use the storage SDK's own policy, which ignores
 # ``retry_backoff_factor`` and whose default waits 15, 18 and 24 s (a minute inside one send); its
 # ``initial_backoff + increment_base ** count`` +- jitter gives here 0-1, 1-3 and 3-5 s.
 _RETRIES = {"retry_total": 3, "retry_backoff_factor": 0.4}

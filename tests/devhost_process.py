@@ -34,6 +34,7 @@ def devhost_process(
         text=True,
     )
     assert process.stdout is not None
+    output = process.stdout
     deadline = time.monotonic() + ready_timeout
     lines = []
     while time.monotonic() < deadline:
@@ -42,7 +43,7 @@ def devhost_process(
         if "ready" in line or process.poll() is not None:
             break
     # Keep reading its output, or a full pipe would block the host mid-request.
-    drain = threading.Thread(target=lambda: collections.deque(process.stdout, maxlen=200), daemon=True)
+    drain = threading.Thread(target=lambda: collections.deque(output, maxlen=200), daemon=True)
     try:
         assert process.poll() is None and "ready" in lines[-1], "".join(lines)
         drain.start()

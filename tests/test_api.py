@@ -26,6 +26,7 @@ from routines.models import MAX_INPUT_BYTES, scheduled_run_id
 from routines.store import Advance, Store, codec
 from routines.store.memory import MemoryStore
 from routines.store.tables import TableStore
+from tests.helpers import Clock
 
 NOW = datetime(2026, 3, 1, 12, 0, 30, tzinfo=UTC)  # a Sunday; Paris is on UTC+1, New York on UTC-5
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -44,17 +45,6 @@ ROUTES: list[tuple[str, str, str]] = [
     ("POST", "preview", "preview"),
     ("GET", "health", "health"),
 ]
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
 
 
 @dataclass

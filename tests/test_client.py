@@ -168,9 +168,9 @@ def echo_action(text: Any = "hello") -> RoutineInvocationAction:
 def wait_for_run(client: Any, routine_id: str, run_id: str, timeout: float = 30) -> RoutineRun:
     deadline = time.monotonic() + timeout
     while True:
-        run = client.get_routine_run(routine_id, run_id)
+        run: RoutineRun = client.get_routine_run(routine_id, run_id)
         if run.is_terminal or time.monotonic() > deadline:
-            return run  # type: ignore[no-any-return]
+            return run
         time.sleep(0.2)
 
 
@@ -196,6 +196,7 @@ def test_create_in_the_articles_shape_and_read_back(client: Any) -> None:
     assert routine.state == "enabled" and routine.version == 1 and routine.etag == '"1"'
     assert isinstance(routine.next_fire_at, datetime) and routine.next_fire_at.tzinfo is not None
     assert routine.trigger == RoutineScheduleTrigger(cron_expression="0 6 * * *", time_zone="Europe/Paris")
+    assert isinstance(routine.actions[0], RoutineInvocationAction)
     assert routine.actions[0].input == {
         "instructions": "Scan overnight logs",
         "context": {"region": "us-east-1"},
@@ -273,7 +274,7 @@ def test_update_with_etag_and_match_condition(client: Any) -> None:
     with pytest.raises(PreconditionFailedError) as stale:  # the routine is at version 2 now
         client.update_routine(routine, match_condition=MatchConditions.IfNotModified)
     assert stale.value.status == 412 and isinstance(stale.value, ResourceModifiedError)
-    assert stale.value.response.status_code == 412
+    assert stale.value.response is not None and stale.value.response.status_code == 412
     with pytest.raises(PreconditionFailedError):
         client.update_routine(routine.id, description="x", etag='"1"')
     assert client.get_routine(routine.id).version == 2  # refused updates changed nothing
@@ -330,7 +331,8 @@ def test_errors_come_from_problem_json(client: Any) -> None:
     locs = [e.loc for e in error.errors]
     assert ["trigger", "cron_expression"] in locs and ["actions", 0] in locs
     assert str(error).startswith("422 Invalid request: trigger.cron_expression")
-    assert isinstance(error, RoutinesError) and error.response.status_code == 422
+    assert isinstance(error, RoutinesError) and error.response is not None
+    assert error.response.status_code == 422
 
     with pytest.raises(ValidationError) as bad_query:
         list(client.list_routines(state="sleeping"))
@@ -558,7 +560,7 @@ def test_no_credential_sends_no_auth(make_client: Callable[..., Any], scripted: 
         "authorization" not in scripted.seen[0].headers and "x-functions-key" not in scripted.seen[0].headers
     )
     with pytest.raises(TypeError, match="credential"):
-        RoutinesClient(scripted.url, "a bare string")  # type: ignore[arg-type]
+        RoutinesClient(scripted.url, "a bare string")
 
 
 def test_update_sends_a_merge_patch_with_if_match(

@@ -358,7 +358,7 @@ def test_key_from_flag_or_environment_is_sent_as_function_key() -> None:
     scripted = ScriptedServer()
     try:
         env = {**os.environ, "ROUTINES_ENDPOINT": scripted.url, "ROUTINES_KEY": "env-k3y"}
-        command = [str(ROUTINES), "get", ROUTINE["id"], "--json"]
+        command = [str(ROUTINES), "get", str(ROUTINE["id"]), "--json"]
         for extra, key in (([], "env-k3y"), (["--key", "flag-k3y"], "flag-k3y")):
             result = subprocess.run(command + extra, capture_output=True, text=True, env=env, timeout=60)
             assert result.returncode == 0, result.stderr

@@ -29,7 +29,7 @@ def installed(module):
 assert RoutinesClient("http://127.0.0.1:7071/api").endpoint == "http://127.0.0.1:7071"
 assert installed("azure.core") and installed("yaml") and installed("rich")
 app_only = ["routines", "azure.functions", "azure.data.tables", "azure.storage.queue", "azure.identity",
-            "pydantic", "croniter", "aiohttp"]
+            "pydantic", "aiohttp"]
 assert not [m for m in app_only if installed(m)], [m for m in app_only if installed(m)]
 try:  # the asyncio client says which extra it needs
     routines_client.aio.RoutinesClient("http://127.0.0.1:7071")

@@ -49,6 +49,7 @@ from routines.models import (
     scheduled_run_id,
 )
 from routines.store import Slot, SlotWrite
+from tests.helpers import make_routine
 
 FIRE = datetime(2026, 11, 30, 6, 0, tzinfo=UTC)
 RID = "rt_00000000000000aa"
@@ -58,15 +59,12 @@ OWNER = "me"
 
 
 def routine(**changes: Any) -> Routine:
-    base = Routine(
+    """The routine, with ``changes`` set as they are (not validated: states a request cannot make)."""
+    base = make_routine(
+        "daily",
         id=RID,
-        name="daily",
-        state=RoutineState.enabled,
-        version=1,
-        trigger=ScheduleTrigger(type="schedule", cron_expression="0 6 * * *"),
         actions=[InvocationAction(type="invocation", agent_id="a", input="x")],
-        created_at=FIRE - timedelta(days=2),
-        updated_at=FIRE - timedelta(days=2),
+        now=FIRE - timedelta(days=2),
     )
     return base.model_copy(update=changes)
 

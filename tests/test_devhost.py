@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -38,11 +38,13 @@ from routines.devhost import (
     RouteTemplate,
     Schedule,
     discover_functions,
+    find_function_app,
+    load_app_module,
     parse_timespan,
 )
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
 
 APP = """
 import json
@@ -139,20 +141,6 @@ HOST_JSON = {
 
 
 # -- helpers --------------------------------------------------------------------------------------------
-
-
-def wait_for(
-    condition: Callable[[], T | None], timeout: float, what: str, details: Callable[[], str] = str
-) -> T:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{details()}")
-        time.sleep(0.05)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -586,7 +574,10 @@ def test_function_key_guards_non_anonymous_routes_only(tmp_path: Path) -> None:
     try:
         assert host.route_url("pages") == f"{host.url}/api/pages"
         assert host.route_url("nothing") is None
-        get = lambda path, **kw: httpx.get(f"{host.url}/api/{path}", timeout=5, **kw)  # noqa: E731
+
+        def get(path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+            return httpx.get(f"{host.url}/api/{path}", timeout=5, headers=headers)
+
         assert (get("secret").status_code, get("secret").content) == (401, b"")
         assert get("secret", headers={"x-functions-key": "wrong"}).status_code == 401
         assert get("secret", headers={"x-functions-key": "k3y"}).text == "secret"
@@ -765,6 +756,37 @@ def test_schedule_next_after(expression: str, after: str, expected: str) -> None
 def test_schedule_rejects_invalid_expression() -> None:
     with pytest.raises(DevHostError, match="function tick"):
         Schedule("every day at noon", "function tick")
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        pytest.param("@daily", id="macro"),  # routines accept macros; NCRONTAB has none
+        pytest.param("0 0 0 30 2 *", id="never_fires"),
+        pytest.param("0 0 12 * * 1#2", id="nth_weekday"),
+        pytest.param("0 0 12 * * * 2027", id="year_field"),
+    ],
+)
+def test_schedule_rejects_what_ncrontab_does_not_run(expression: str) -> None:
+    with pytest.raises(DevHostError, match="is not a valid NCRONTAB expression"):
+        Schedule(expression, "function tick")
+
+
+def test_the_apps_own_timer_schedules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """function_app.py's timer triggers, as the devhost reads them (through ``routines.schedule``)."""
+    monkeypatch.setitem(sys.modules, "function_app", sys.modules.get("function_app"))  # restored after
+    specs = discover_functions(find_function_app(load_app_module(ROOT)), {})
+    after = datetime(2026, 11, 29, 20, 7, 0, tzinfo=UTC)
+    next_fires = {
+        s.name: Schedule(str(s.trigger["schedule"]), s.name).next_after(after)
+        for s in specs
+        if s.trigger_type == "timerTrigger"
+    }
+    assert next_fires == {
+        "tick": datetime(2026, 11, 29, 20, 8, 0, tzinfo=UTC),
+        "repair": datetime(2026, 11, 29, 20, 7, 15, tzinfo=UTC),
+        "purge_runs": datetime(2026, 11, 30, 3, 30, 0, tzinfo=UTC),
+    }
 
 
 @pytest.mark.azurite

@@ -50,6 +50,7 @@ from routines.store import Store
 from routines.store.memory import MemoryStore
 from routines.store.tables import TableStore
 from tests.fake_agent import FakeAgent, Reply
+from tests.helpers import Clock, RequestCounter, make_routine
 
 TOKEN = "tok-dispatch-5e1d"
 SIGNING_SECRET = "sig-0b7e3c9a"  # the fake agent checks every request's signature
@@ -66,25 +67,6 @@ def schedule_immediately(routine: Routine, queue: DispatchQueue, now: datetime) 
 
 class Killed(BaseException):
     """A worker process dying mid-message: not an ``Exception``, so nothing in ``handle`` catches it."""
-
-
-class RequestCounter:
-    """``raw_request_hook``: counts the storage HTTP requests of the clients it is given to."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.count = 0
-        self.lines: list[str] = []
-
-    def __call__(self, request: Any) -> None:
-        with self._lock:
-            self.count += 1
-            self.lines.append(f"{request.http_request.method} {request.http_request.url.split('?')[0]}")
-
-    def reset(self) -> int:
-        with self._lock:
-            count, self.count, self.lines = self.count, 0, []
-            return count
 
 
 @dataclass(frozen=True)
@@ -152,19 +134,12 @@ class Rig:
     def routine(self, agent: str = "echo", **fields: Any) -> Routine:
         now = datetime.now(UTC)
         index = secrets.token_hex(8)
-        routine = Routine.model_validate(
-            {
-                "id": f"rt_{index}",
-                "name": f"r-{index}",
-                "trigger": EVERY_SECOND,
-                "actions": [InvocationAction(type="invocation", agent_id=agent, input=f"hello {index}")],
-                "state": RoutineState.enabled,
-                "created_at": now,
-                "updated_at": now,
-                "version": 1,
-                **fields,
-            }
-        )
+        defaults: dict[str, Any] = {
+            "id": f"rt_{index}",
+            "trigger": EVERY_SECOND,
+            "actions": [InvocationAction(type="invocation", agent_id=agent, input=f"hello {index}")],
+        }
+        routine = make_routine(f"r-{index}", now=now, **{**defaults, **fields})
         self.store.create_routine(routine)
         return routine
 
@@ -301,6 +276,7 @@ def test_the_same_fire_delivered_twice_calls_the_agent_once(rig: Rig) -> None:
     [start] = rig.agent.starts()
     assert start.idempotency_key == run.idempotency_key == idempotency_key(routine.id, message.scheduled_for)
     assert start.attempt == 1 and start.headers["authorization"] == f"Bearer {TOKEN}"
+    assert isinstance(routine.actions[0], InvocationAction)
     assert run.actions[0].output == routine.actions[0].input
     assert run.id == scheduled_run_id(routine.id, message.scheduled_for)
 
@@ -732,17 +708,6 @@ def test_a_timer_routine_completes_after_its_fire(rig: Rig) -> None:
 # --- whole-second visibility delays -----------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
 class ClockedAgent:
     """Fails each start with the next scripted error (``None``: succeeds); records the clock at starts."""
 
@@ -768,20 +733,15 @@ def test_a_retry_surfacing_early_waits_for_its_time() -> None:
     """A retry due in 1.7 s is invisible for 1 s only (whole seconds): the attempt still waits for
     the retry's time (unit test on the in-memory store with a fake clock)."""
     now = datetime(2026, 11, 30, 6, 0, tzinfo=UTC)
-    clock = FakeClock(now)
+    clock = Clock(now)
     store, queue = MemoryStore(), MemoryQueue(clock)
-    routine = Routine.model_validate(
-        {
-            "id": "rt_0f3c2a9d6b1e4c7a",
-            "name": "early",
-            "trigger": EVERY_SECOND,
-            "state": "enabled",
-            "actions": [{"type": "invocation", "agent_id": "a", "input": "x"}],
-            "created_at": now,
-            "updated_at": now,
-            "version": 1,
-            "retry_policy": fixed(1),
-        }
+    routine = make_routine(
+        "early",
+        id="rt_0f3c2a9d6b1e4c7a",
+        trigger=EVERY_SECOND,
+        actions=[{"type": "invocation", "agent_id": "a", "input": "x"}],
+        now=now,
+        retry_policy=fixed(1),
     )
     store.create_routine(routine)
     agent = ClockedAgent(clock, [AgentError("busy", retriable=True, retry_after=1.7), None])

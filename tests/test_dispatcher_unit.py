@@ -16,15 +16,13 @@ from routines.models import (
     InvocationAction,
     OverlapPolicy,
     Routine,
-    RoutineState,
     Run,
     RunStatus,
-    ScheduleTrigger,
     scheduled_run_id,
 )
 from routines.store import SlotWrite
 from routines.store.memory import MemoryStore
-from tests.helpers import Clock
+from tests.helpers import Clock, make_routine
 
 FIRE = datetime(2026, 11, 30, 6, 0, tzinfo=UTC)
 
@@ -53,20 +51,16 @@ class SlowAgent:
         self.cancels += 1
 
 
-def make_routine(
+def stored_routine(
     store: MemoryStore, timeout: int = 3600, overlap: OverlapPolicy = OverlapPolicy.allow_all
 ) -> Routine:
-    routine = Routine(
+    routine = make_routine(
+        "slow",
         id="rt_00000000000000aa",
-        name="slow",
-        state=RoutineState.enabled,
-        version=1,
-        trigger=ScheduleTrigger(type="schedule", cron_expression="0 6 * * *"),
         actions=[InvocationAction(type="invocation", agent_id="a", input="x")],
         overlap_policy=overlap,
         timeout_seconds=timeout,
-        created_at=FIRE,
-        updated_at=FIRE,
+        now=FIRE,
     )
     store.create_routine(routine)
     return routine
@@ -98,7 +92,7 @@ def fire_message(routine: Routine) -> DispatchMessage:
 
 def handler_calls_for(duration: float) -> int:
     store, queue, clock = MemoryStore(), MemoryQueue(), Clock(FIRE)
-    routine = make_routine(store)
+    routine = stored_routine(store)
     agent = SlowAgent(clock, duration)
     dispatcher = Dispatcher(store, queue, agent, clock=clock, sleep=clock.sleep)
     queue.send(fire_message(routine))
@@ -137,7 +131,7 @@ class BlipStore(MemoryStore):
 def test_the_outcome_write_is_retried_through_a_storage_blip() -> None:
     for answer_lost in (False, True):
         store, queue, clock = BlipStore(answer_lost), MemoryQueue(), Clock(FIRE)
-        routine = make_routine(store, overlap=OverlapPolicy.skip)
+        routine = stored_routine(store, overlap=OverlapPolicy.skip)
         agent = SlowAgent(clock, 0)
         agent.start = lambda call: AgentOutcome(done=True, output="at once")  # type: ignore[method-assign]
         Dispatcher(store, queue, agent, clock=clock, sleep=clock.sleep).handle(fire_message(routine).encode())
@@ -205,15 +199,19 @@ def test_disabling_a_buffer_one_routine_cancels_its_waiting_run_and_frees_the_sl
 def test_storage_sdk_retries_of_queue_and_tables_last_seconds_not_a_minute() -> None:
     """The queue SDK's own default (15, 18, 24 s) held an API call or a tick for a minute on one
     refused send; each client retries 3 times within about 10 s, and the layers above take over."""
+    from azure.core.pipeline.policies import RetryPolicy
+    from azure.storage.queue import ExponentialRetry
+
     from routines.config import Settings, StorageTarget
     from routines.runtime import storage_clients
 
     settings = Settings(StorageTarget("UseDevelopmentStorage=true"), min_interval_seconds=1)
     tables, queue = storage_clients(settings)
     for retry in (queue.client._config.retry_policy, queue.poison_client._config.retry_policy):
-        assert retry.total_retries == 3
+        assert isinstance(retry, ExponentialRetry) and retry.total_retries == 3
         waits = [retry.get_backoff_time({"count": count}) for count in range(3)]
         assert sum(waits) <= 10, waits
     table_retry = tables._client._client._pipeline._impl_policies  # azure-core's pipeline
     [policy] = [p for p in table_retry if type(p).__name__.endswith("RetryPolicy")]
+    assert isinstance(policy, RetryPolicy)
     assert policy.total_retries == 3 and policy.backoff_factor == 0.4

@@ -158,3 +158,12 @@ def test_no_file_points_outside_the_repository() -> None:
             if OUTSIDE.search(line):
                 offending.append(f"{_rel(path)}:{number}: {line.strip()}")
     assert not offending, "\n".join(offending)
+
+
+def test_the_test_index_names_every_test_module_and_only_those() -> None:
+    """tests/README.md has a line for each module of tests/ (a new one needs its line)."""
+    index = (ROOT / "tests" / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"^- `([\w.]+\.py)`", index, re.M))
+    present = {p.name for p in (ROOT / "tests").glob("*.py") if p.name != "__init__.py"}
+    assert sorted(present - named) == [], "modules tests/README.md does not list"
+    assert sorted(named - present) == [], "modules tests/README.md lists that do not exist"

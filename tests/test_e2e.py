@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -16,6 +13,7 @@ from azure.core.exceptions import ResourceExistsError
 
 from tests.devhost_process import devhost_process
 from tests.fake_agent import FakeAgent
+from tests.helpers import request_json
 
 pytestmark = pytest.mark.e2e
 
@@ -27,20 +25,9 @@ class Client:
     def call(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str], Any]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            self.base + path,
-            data=data,
-            method=method,
-            headers={"Content-Type": "application/json", **(headers or {})},
+        return request_json(
+            method, self.base + path, body, {"Content-Type": "application/json", **(headers or {})}
         )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                raw = response.read()
-                return response.status, dict(response.headers), json.loads(raw) if raw else None
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            return exc.code, dict(exc.headers), json.loads(raw) if raw else None
 
 
 SIGNING_SECRET = "e2e-sig-5d1f"  # the devhost reads it from its settings; the fake agent checks it

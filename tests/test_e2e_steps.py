@@ -3,15 +3,16 @@ A diamond (a -> b, c in parallel -> d using both outputs), and an approval appro
 
 from __future__ import annotations
 
+import functools
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.devhost_process import devhost_process
 from tests.fake_agent import FakeAgent, Reply
+from tests.helpers import wait_for
 from tests.test_e2e import Client
 
 pytestmark = pytest.mark.e2e
@@ -29,17 +30,6 @@ def devhost(storage_env: dict[str, str], agent: FakeAgent) -> Iterator[Client]:
     settings = {**storage_env, "ROUTINES_AGENT_BACKEND": "http", "ROUTINES_AGENT_ENDPOINT": agent.url}
     with devhost_process(settings) as base:
         yield Client(f"{base}/api")
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """Poll ``check`` until it returns something truthy (a generous deadline, not a timing claim)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"not reached within {timeout}s")
 
 
 def create(devhost: Client, name: str, actions: list[dict[str, Any]], **fields: Any) -> str:
@@ -116,7 +106,7 @@ def test_a_diamond_runs_its_middle_steps_in_parallel_and_joins_their_outputs(
         assert step["started_at"] <= step["ended_at"]
 
 
-GATED = [
+GATED: list[dict[str, Any]] = [
     {"type": "invocation", "agent_id": "writer", "id": "draft", "input": "write it"},
     {"type": "approval", "id": "review", "timeout_seconds": 3600},
     {"type": "invocation", "agent_id": "mailer", "id": "send", "input": "send: {{steps.draft.output}}"},
@@ -134,7 +124,7 @@ def test_an_approval_approved_and_one_rejected(devhost: Client, agent: FakeAgent
     rid = create(devhost, "gated", GATED, overlap_policy="allow_all")
     approved, rejected = dispatch(devhost, rid), dispatch(devhost, rid)
     for run_id in (approved, rejected):
-        run = wait_for(lambda run_id=run_id: waiting(devhost, rid, run_id))
+        run = wait_for(functools.partial(waiting, devhost, rid, run_id))
         assert [s["status"] for s in run["actions"]] == ["succeeded", "waiting", "pending"]
     status, _, page = devhost.call("GET", f"/routines/{rid}/runs?status=waiting")
     assert status == 200 and {r["id"] for r in page["items"]} == {approved, rejected}

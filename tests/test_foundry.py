@@ -26,6 +26,7 @@ from routines.agents.foundry.common import limit_metadata
 from routines.agents.wire import cap_utf8, retry_after_seconds
 from routines.errors import AgentError
 from tests.fake_foundry import FakeFoundry, Outcome
+from tests.helpers import Clock
 
 NOW = datetime(2026, 11, 30, 6, 0, 1, tzinfo=UTC)
 KEY = "rt_0f3c2a9d6b1e4c7a:2026-11-30T06:00:00Z"
@@ -41,14 +42,6 @@ class AllowPlainHttp(SansIOHTTPPolicy[Any, Any]):
 
     def on_request(self, request: PipelineRequest[Any]) -> None:
         request.context["enforce_https"] = False
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @dataclass(frozen=True)
@@ -110,12 +103,12 @@ def shared_fake() -> Iterator[FakeFoundry]:
 
 
 @pytest.fixture(scope="module")
-def shared_clock() -> FakeClock:
-    return FakeClock()
+def shared_clock() -> Clock:
+    return Clock(NOW)
 
 
 @pytest.fixture(scope="module")
-def shared_backend(shared_fake: FakeFoundry, shared_clock: FakeClock) -> Iterator[FoundryBackend]:
+def shared_backend(shared_fake: FakeFoundry, shared_clock: Clock) -> Iterator[FoundryBackend]:
     # One backend for the module, as in production (one per process): building the OpenAI client
     # loads the CA bundle, which costs more than most tests here.
     instance = FoundryBackend(
@@ -137,13 +130,13 @@ def fake(shared_fake: FakeFoundry) -> Iterator[FakeFoundry]:
 
 
 @pytest.fixture
-def clock(shared_clock: FakeClock) -> FakeClock:
+def clock(shared_clock: Clock) -> Clock:
     shared_clock.now = NOW
     return shared_clock
 
 
 @pytest.fixture
-def backend(shared_backend: FoundryBackend, fake: FakeFoundry, clock: FakeClock) -> FoundryBackend:
+def backend(shared_backend: FoundryBackend, fake: FakeFoundry, clock: Clock) -> FoundryBackend:
     return shared_backend
 
 
@@ -484,7 +477,7 @@ def test_passing_error_while_reading_the_final_text_polls_again(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_passing_error_on_poll_past_the_deadline_cancels_and_times_out(
-    fake: FakeFoundry, backend: FoundryBackend, clock: FakeClock, kind: Kind
+    fake: FakeFoundry, backend: FoundryBackend, clock: Clock, kind: Kind
 ) -> None:
     call = make_call(kind, deadline=NOW + timedelta(seconds=60))
     started = backend.start(call)
@@ -559,7 +552,7 @@ def test_429_retry_after_is_honoured(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_connection_refused_is_retriable(kind: Kind, clock: FakeClock) -> None:
+def test_connection_refused_is_retriable(kind: Kind, clock: Clock) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here once the socket is closed
@@ -574,7 +567,7 @@ def test_connection_refused_is_retriable(kind: Kind, clock: FakeClock) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_request_timeout_is_retriable(fake: FakeFoundry, clock: FakeClock, kind: Kind) -> None:
+def test_request_timeout_is_retriable(fake: FakeFoundry, clock: Clock, kind: Kind) -> None:
     fake.fail("POST", kind.create, 500, delay=1.0)
     backend = FoundryBackend(
         fake.endpoint, FakeCredential(), per_call_policies=[AllowPlainHttp()], clock=clock, timeout=0.2
@@ -671,7 +664,7 @@ def test_named_response_ending_on_a_function_call_fails_for_good(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_poll_past_the_deadline_cancels_and_raises_a_retriable_timeout(
-    fake: FakeFoundry, backend: FoundryBackend, clock: FakeClock, kind: Kind
+    fake: FakeFoundry, backend: FoundryBackend, clock: Clock, kind: Kind
 ) -> None:
     fake.script(Outcome(polls=10))
     call = make_call(kind, deadline=NOW + timedelta(seconds=60))
@@ -691,7 +684,7 @@ def test_poll_past_the_deadline_cancels_and_raises_a_retriable_timeout(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_run_finished_when_polled_after_the_deadline_is_still_done(
-    fake: FakeFoundry, backend: FoundryBackend, clock: FakeClock, kind: Kind
+    fake: FakeFoundry, backend: FoundryBackend, clock: Clock, kind: Kind
 ) -> None:
     fake.script(Outcome(polls=0))
     call = make_call(kind, deadline=NOW + timedelta(seconds=60))

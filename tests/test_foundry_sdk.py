@@ -6,11 +6,8 @@ to show what the SDK cannot (the same cron error through ``/api/routines``).
 
 from __future__ import annotations
 
-import json
 import re
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,6 +22,8 @@ from azure.ai.projects.models import (
     InvokeAgentInvocationsApiDispatchPayload,
     InvokeAgentResponsesApiDispatchPayload,
     InvokeAgentResponsesApiRoutineAction,
+    Routine,
+    RoutineTrigger,
     ScheduleRoutineTrigger,
     TimerRoutineTrigger,
 )
@@ -35,6 +34,7 @@ from azure.core.pipeline.policies import SansIOHTTPPolicy
 
 from tests.devhost_process import devhost_process
 from tests.fake_agent import FakeAgent
+from tests.helpers import request_json
 
 pytestmark = pytest.mark.e2e
 
@@ -110,22 +110,19 @@ def action(agent_name: str = "echo", input: Any = None) -> InvokeAgentResponsesA
     return InvokeAgentResponsesApiRoutineAction(agent_name=agent_name, input=input or {"say": "hi"})
 
 
-def daily(cron: str = "0 6 * * *", zone: str = "Europe/Paris") -> dict[str, ScheduleRoutineTrigger]:
+def daily(cron: str = "0 6 * * *", zone: str = "Europe/Paris") -> dict[str, RoutineTrigger]:
     return {"daily": ScheduleRoutineTrigger(cron_expression=cron, time_zone=zone)}
 
 
+def only_trigger(routine: Routine) -> RoutineTrigger:
+    assert routine.triggers is not None
+    (trigger,) = routine.triggers.values()
+    return trigger
+
+
 def rest(app: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{app}/api{path}", data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        return exc.code, json.loads(raw) if raw else None
+    status, _, answer = request_json(method, f"{app}/api{path}", body, {"Content-Type": "application/json"})
+    return status, answer
 
 
 def routine_names(app: str) -> set[str]:
@@ -160,7 +157,7 @@ def test_create_get_update_enable_disable_delete(client: AIProjectClient, app: s
         name, description="Scan overnight logs", enabled=True, triggers=daily(), action=action()
     )
     assert created.name == name and created.enabled is True and created.description == "Scan overnight logs"
-    (trigger,) = created.triggers.values()
+    trigger = only_trigger(created)
     assert isinstance(trigger, ScheduleRoutineTrigger)
     assert (trigger.cron_expression, trigger.time_zone) == ("0 6 * * *", "Europe/Paris")
     assert isinstance(created.action, InvokeAgentResponsesApiRoutineAction)
@@ -181,8 +178,10 @@ def test_create_get_update_enable_disable_delete(client: AIProjectClient, app: s
         triggers={"weekdays": ScheduleRoutineTrigger(cron_expression="30 6 * * 1-5", time_zone="UTC")},
         action=InvokeAgentResponsesApiRoutineAction(agent_name="echo", input="go", conversation="conv_1"),
     )
-    (trigger,) = updated.triggers.values()
+    trigger = only_trigger(updated)
+    assert isinstance(trigger, ScheduleRoutineTrigger)
     assert (trigger.cron_expression, trigger.time_zone) == ("30 6 * * 1-5", "UTC")
+    assert isinstance(updated.action, InvokeAgentResponsesApiRoutineAction)
     assert updated.action.conversation == "conv_1" and updated.action.input == "go"
     assert updated.description == "Scan overnight logs" and updated.enabled is True
     status, ours = rest(app, "GET", f"/routines/{created['id']}")
@@ -209,11 +208,11 @@ def test_timer_trigger_round_trips_as_unix_time(client: AIProjectClient) -> None
     created = client.beta.routines.create_or_update(
         name, triggers={"once": TimerRoutineTrigger(at=at)}, action=action(input="Q3 report")
     )
-    (trigger,) = created.triggers.values()
+    trigger = only_trigger(created)
     assert isinstance(trigger, TimerRoutineTrigger) and trigger.at == at
     # And back to a schedule: another kind of trigger replaces the timer whole.
     updated = client.beta.routines.create_or_update(name, triggers=daily("0 9 * * 1"))
-    (trigger,) = updated.triggers.values()
+    trigger = only_trigger(updated)
     assert isinstance(trigger, ScheduleRoutineTrigger) and trigger.cron_expression == "0 9 * * 1"
 
 
@@ -249,9 +248,11 @@ def test_dispatch_runs_at_the_agent_and_list_runs_pages(
 
     # No payload: the routine's own input. Then more runs than one page of list_runs.
     # One at a time: a dispatch while a run is going is skipped (the default overlap policy).
-    others = []
+    others: list[str] = []
     for _ in range(3):
-        others.append(client.beta.routines.dispatch(name).dispatch_id)
+        dispatched = client.beta.routines.dispatch(name).dispatch_id
+        assert dispatched is not None
+        others.append(dispatched)
         assert wait_for_run(client, name, others[-1]).status == "succeeded"
     assert any(
         c.body["input"] == "default input" and c.body["run_id"] == others[0] for c in agent.calls_for("echo")
@@ -340,6 +341,7 @@ def test_unsupported_triggers_are_400_naming_the_field_and_store_nothing(
     assert caught.value.status_code == 400
     assert not isinstance(caught.value, ResourceNotFoundError | ResourceExistsError)
     assert caught.value.error is not None and caught.value.error.code == "invalid_request"
+    assert caught.value.error.message is not None
     assert caught.value.error.message.startswith(f"{field}: ") and words in caught.value.error.message
     assert name not in routine_names(app)
 
@@ -364,7 +366,8 @@ def test_invalid_cron_is_400_with_the_words_of_the_422(client: AIProjectClient, 
     assert caught.value.status_code == 400 and error is not None
     assert error.message == f"triggers.daily.cron_expression: {ours['msg']}"
     assert error.target == "triggers.daily.cron_expression" and error.details[0].message == ours["msg"]
-    assert caught.value.model.error.param == "triggers.daily.cron_expression"  # the SDK's ApiError
+    api_error = caught.value.model  # the SDK's ApiError
+    assert api_error is not None and api_error.error.param == "triggers.daily.cron_expression"
     assert name not in routine_names(app)
 
 
@@ -374,7 +377,7 @@ def test_unsupported_dispatch_payload_is_400_and_starts_nothing(client: AIProjec
     with pytest.raises(HttpResponseError) as caught:
         client.beta.routines.dispatch(name, payload=InvokeAgentInvocationsApiDispatchPayload(input={"x": 1}))
     assert caught.value.status_code == 400 and caught.value.error is not None
-    assert caught.value.error.message.startswith("payload.type: ")
+    assert caught.value.error.message is not None and caught.value.error.message.startswith("payload.type: ")
     assert list(client.beta.routines.list_runs(name)) == []
 
 

@@ -15,6 +15,7 @@ from azure.ai.projects import models as foundry
 from routines import foundry_translate as translate
 from routines.errors import Invalid, ValidationError
 from routines.models import ActionResult, ResponseAction, Routine, Run, RunStatus, RunTrigger
+from tests.helpers import make_routine
 
 T0 = datetime(2026, 11, 30, 6, 0, tzinfo=UTC)
 T0_UNIX = int(T0.timestamp())
@@ -24,16 +25,11 @@ RESPONSES = "invoke_agent_responses_api"
 def routine(**fields: Any) -> Routine:
     data: dict[str, Any] = {
         "id": "rt_0f3c2a9d6b1e4c7a",
-        "name": "daily-scan",
         "description": "Scan logs",
         "trigger": {"type": "schedule", "cron_expression": "0 6 * * *", "time_zone": "Europe/Paris"},
         "actions": [{"type": "invocation", "agent_name": "echo", "input": {"say": "hi"}}],
-        "state": "enabled",
-        "created_at": T0,
-        "updated_at": T0,
-        "version": 1,
     }
-    return Routine.model_validate({**data, **fields})
+    return make_routine(now=T0, **{**data, **fields})
 
 
 # --- Foundry -> Routines -------------------------------------------------------------------------
@@ -255,6 +251,7 @@ def test_foundry_routine_reads_back_through_the_sdk_model(
     assert rendered["enabled"] is enabled and rendered["created_at"] == T0_UNIX
     model = foundry.Routine(rendered)
     assert model.name == "daily-scan" and model.enabled is enabled and model.created_at == T0
+    assert model.triggers is not None
     (trigger,) = model.triggers.values()
     assert isinstance(trigger, foundry.ScheduleRoutineTrigger | foundry.TimerRoutineTrigger)
     assert isinstance(model.action, foundry.InvokeAgentResponsesApiRoutineAction)

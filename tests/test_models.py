@@ -36,6 +36,7 @@ from routines.models import (
     scheduled_run_id,
     utc_text,
 )
+from tests.helpers import make_routine
 
 NOW = datetime(2026, 11, 29, 20, 0, tzinfo=UTC)
 RFC3339_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z$")
@@ -485,14 +486,11 @@ def a_routine(**changes: Any) -> Routine:
     data: dict[str, Any] = {
         **create_body(),
         "id": "rt_0f3c2a9d6b1e4c7a",
-        "state": "enabled",
         "next_fire_at": datetime(2026, 11, 30, 7, 0, tzinfo=timezone(timedelta(hours=1))),
         "created_at": NOW,
         "updated_at": NOW + timedelta(milliseconds=250),
-        "version": 1,
     }
-    data.update(changes)
-    return Routine.model_validate(data)
+    return make_routine(**{**data, **changes})
 
 
 def test_routine_timestamps_are_rfc3339_utc_with_z() -> None:

@@ -22,11 +22,11 @@ import contextlib
 import json
 import os
 import random
-import secrets
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -128,7 +128,9 @@ class Scheduling(RuleBasedStateMachine):
         self.rng = random.Random(seed)
         # Ids from a seeded source too, so an example replays exactly (hypothesis checks it does).
         ids = random.Random(seed + 1)
-        models.secrets = SimpleNamespace(token_hex=lambda n=8: f"{ids.getrandbits(8 * n):0{2 * n}x}")  # type: ignore[attr-defined]
+        fake = SimpleNamespace(token_hex=lambda n=8: f"{ids.getrandbits(8 * n):0{2 * n}x}")
+        self.seeded_ids = mock.patch.object(models, "secrets", fake)
+        self.seeded_ids.start()
         self.clock = Clock(T0)
         self.store = CrashingStore()
         self.queue = MemoryQueue(self.clock)
@@ -300,7 +302,7 @@ class Scheduling(RuleBasedStateMachine):
         try:
             self._check_the_end()
         finally:
-            models.secrets = secrets  # type: ignore[attr-defined]
+            self.seeded_ids.stop()
 
     def _check_the_end(self) -> None:
         # Run on for 3 minutes as is (a lost fire message is sent again by the repair pass within about

@@ -47,7 +47,7 @@ def test_purge_deletes_only_runs_older_than_the_retention_and_archives_them_firs
         r.id for r in kept
     )
     assert [name for name, _ in archived] == ["runs-2026-11-29.jsonl"]
-    assert sorted(row["id"] for row in archived[0][1]) == sorted(r.id for r in old)
+    assert sorted(str(row["id"]) for row in archived[0][1]) == sorted(r.id for r in old)
     assert all("progress" not in row for row in archived[0][1])  # the public shape, no internals
 
 

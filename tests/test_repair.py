@@ -18,7 +18,7 @@ from routines.config import Settings, StorageTarget
 from routines.dispatcher import MAX_DELIVERIES, Dispatcher
 from routines.errors import StorageUnavailable
 from routines.messages import DispatchMessage, MemoryQueue
-from routines.models import Run, RunStatus
+from routines.models import Routine, Run, RunStatus
 from routines.repair import repair
 from routines.store.memory import MemoryStore
 from tests.helpers import Clock
@@ -171,7 +171,7 @@ def test_fires_whose_send_failed_after_the_tick_wrote_them_are_sent_by_the_repai
     rid = world.create(trigger={"type": "schedule", "cron_expression": "30 12 * * *"})
     real_send = world.queue.send
 
-    def failing(message: DispatchMessage, delay: float = 0) -> None:
+    def failing(message: DispatchMessage, delay_seconds: float = 0) -> None:
         raise StorageUnavailable("queue down")
 
     world.queue.send = failing  # type: ignore[method-assign]
@@ -211,7 +211,7 @@ def test_a_manual_run_whose_message_was_lost_is_started_by_the_repair_pass() -> 
     world = World()
     rid = world.create(trigger={"type": "schedule", "cron_expression": "0 0 1 1 *"})
 
-    def failing(message: DispatchMessage, delay: float = 0) -> None:
+    def failing(message: DispatchMessage, delay_seconds: float = 0) -> None:
         raise StorageUnavailable("queue down")
 
     real = world.queue.send
@@ -298,7 +298,7 @@ def test_storage_unavailable_requeues_with_back_off_instead_of_burning_deliverie
     world = World()
     message = scheduler.fire_message("rt_0000000000000001", T0, 1, "schedule")
 
-    def down(*args: Any) -> Any:
+    def down(routine_id: str) -> tuple[Routine, str]:
         raise StorageUnavailable("throttled")
 
     world.store.get_routine = down  # type: ignore[method-assign]

@@ -39,6 +39,7 @@ from routines.scheduler import MAX_FIRES_PER_PLAN, FirePlan, horizon, plan_fires
 from routines.store import Advance, Store, codec
 from routines.store.memory import MemoryStore
 from routines.store.tables import TableStore
+from tests.helpers import Clock, RequestCounter, make_routine
 
 NOW = datetime(2026, 11, 30, 6, 0, 20, tzinfo=UTC)
 UNTIL = horizon(NOW)  # 06:01:10
@@ -260,36 +261,19 @@ def test_horizon(now: datetime, expected: datetime) -> None:
 # --- helpers: routines, a stub agent, a fake-clock driver -------------------------------------
 
 
-def make_routine(
+def numbered_routine(
     index: int, trigger: Any, due_at: datetime | None, now: datetime = NOW, **fields: Any
 ) -> Routine:
-    return Routine(
+    """Routine number ``index`` (its id, name and input say it), due at ``due_at``."""
+    return make_routine(
+        f"routine-{index}",
         id=f"rt_{index:016x}",
-        name=f"routine-{index}",
         trigger=trigger,
         actions=[InvocationAction(type="invocation", agent_id="echo", input=f"hello {index}")],
-        state=RoutineState.enabled,
-        created_at=now,
-        updated_at=now,
-        version=1,
-        next_fire_at=due_at,
-        due_at=due_at,
+        fire=due_at,
+        now=now,
         **fields,
     )
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-        self._lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self._lock:
-            return self.now
-
-    def sleep(self, seconds: float) -> None:
-        with self._lock:
-            self.now += timedelta(seconds=seconds)
 
 
 @dataclass
@@ -351,7 +335,7 @@ def runs_of(store: Store, routine_id: str) -> list[Any]:
 
 def test_tick_after_a_day_down_records_one_missed_run_and_runs_the_latest_fire() -> None:
     store = MemoryStore()
-    store.create_routine(make_routine(1, cron("* * * * *"), at("2026-11-29T06:01:00Z")))
+    store.create_routine(numbered_routine(1, cron("* * * * *"), at("2026-11-29T06:01:00Z")))
     driver = Driver(store, NOW)
     report = driver.tick()
     assert (report.due, report.enqueued, report.missed_records) == (1, 2, 1)
@@ -383,7 +367,7 @@ def test_tick_after_a_day_down_records_one_missed_run_and_runs_the_latest_fire()
 def test_tick_fires_a_due_timer_once_and_the_dispatch_completes_the_routine() -> None:
     store = MemoryStore()
     fire = at("2026-11-30T06:00:50Z")
-    store.create_routine(make_routine(2, timer(fire), fire))
+    store.create_routine(numbered_routine(2, timer(fire), fire))
     driver = Driver(store, NOW)
     report = driver.tick()
     assert [(m.scheduled_for, m.kind, m.attempt) for m in report.fires] == [(fire, "fire", 1)]
@@ -404,7 +388,7 @@ def test_tick_fires_a_due_timer_once_and_the_dispatch_completes_the_routine() ->
 def test_tick_completes_a_missed_timer_without_running_it() -> None:
     store = MemoryStore()
     fire = at("2026-11-30T04:00:00Z")
-    store.create_routine(make_routine(3, timer(fire), fire))
+    store.create_routine(numbered_routine(3, timer(fire), fire))
     driver = Driver(store, NOW)
     report = driver.tick()
     assert (report.enqueued, report.missed_records) == (0, 1)
@@ -420,8 +404,8 @@ def test_a_routine_whose_stored_trigger_no_longer_validates_does_not_stop_the_ti
     store = MemoryStore()
     fire = NOW + timedelta(seconds=30)
     broken = ScheduleTrigger.model_construct(type="schedule", cron_expression="61 * * * *", time_zone="UTC")
-    store.create_routine(make_routine(10, broken, fire))
-    store.create_routine(make_routine(11, yearly_at(fire), fire))
+    store.create_routine(numbered_routine(10, broken, fire))
+    store.create_routine(numbered_routine(11, yearly_at(fire), fire))
     report = Driver(store, NOW).tick()
     assert [m.routine_id for m in report.fires] == ["rt_000000000000000b"]
     assert report.advanced == 1
@@ -442,7 +426,7 @@ def test_tick_request_count_grows_with_due_fires_not_routines_in_memory() -> Non
         store = MemoryStore()
         for i in range(total):
             due = NOW + timedelta(seconds=5) if i < 5 else NOW + timedelta(days=30)
-            store.create_routine(make_routine(i, yearly_at(NOW + timedelta(seconds=5)), due))
+            store.create_routine(numbered_routine(i, yearly_at(NOW + timedelta(seconds=5)), due))
         store.requests = 0
         assert scheduler.tick(store, MemoryQueue(), NOW, "x").enqueued == 5
         counts[total] = store.requests
@@ -454,7 +438,7 @@ def test_tick_request_count_grows_with_due_fires_not_routines_in_memory() -> Non
 
 def test_schedule_immediately_enqueues_fires_before_the_horizon_with_their_distance_as_delay() -> None:
     now = at("2026-11-30T06:00:20.300Z")
-    routine = make_routine(4, cron("*/5 * * * * *"), None, now)
+    routine = numbered_routine(4, cron("*/5 * * * * *"), None, now)
     queue = MemoryQueue()
     scheduled = schedule_immediately(routine, queue, now)
     fires = seconds("2026-11-30T06:00:25Z", "2026-11-30T06:01:05Z", 5)
@@ -469,7 +453,7 @@ def test_schedule_immediately_enqueues_fires_before_the_horizon_with_their_dista
 
 
 def test_schedule_immediately_leaves_a_far_fire_to_the_tick() -> None:
-    routine = make_routine(5, cron("0 7 * * *"), None)
+    routine = numbered_routine(5, cron("0 7 * * *"), None)
     queue = MemoryQueue()
     scheduled = schedule_immediately(routine, queue, NOW)
     assert queue.sent == []
@@ -482,7 +466,7 @@ def test_immediate_then_ticks_cover_every_fire_once_and_on_time() -> None:
     now = at("2026-11-30T06:00:20.300Z")
     store = MemoryStore()
     driver = Driver(store, now)
-    routine = schedule_immediately(make_routine(6, cron("*/5 * * * * *"), None, now), driver.queue, now)
+    routine = schedule_immediately(numbered_routine(6, cron("*/5 * * * * *"), None, now), driver.queue, now)
     store.create_routine(routine)
     for minute in (1, 2, 3):
         driver.run_until(at(f"2026-11-30T06:0{minute}:00.200Z"))
@@ -504,7 +488,7 @@ def test_a_routine_created_as_a_minute_turns_loses_no_fire_to_the_tick_that_miss
     store = MemoryStore()
     driver = Driver(store, api_now)
     routine = schedule_immediately(
-        make_routine(12, cron("*/5 * * * * *"), None, api_now), driver.queue, api_now
+        numbered_routine(12, cron("*/5 * * * * *"), None, api_now), driver.queue, api_now
     )
     assert driver.tick(at("2026-11-30T06:01:00.050Z")).due == 0  # its due query ran before the create
     store.create_routine(routine)
@@ -519,7 +503,7 @@ def test_fire_of_a_rescheduled_routine_is_dropped_without_an_agent_call() -> Non
     now = at("2026-11-30T06:00:20Z")
     store = MemoryStore()
     driver = Driver(store, now)
-    routine = schedule_immediately(make_routine(7, cron("*/10 * * * * *"), None, now), driver.queue, now)
+    routine = schedule_immediately(numbered_routine(7, cron("*/10 * * * * *"), None, now), driver.queue, now)
     store.create_routine(routine)
     old_fires = [m for _, m in driver.queue.sent]
     assert len(old_fires) == 5 and {m.routine_version for m in old_fires} == {1}
@@ -542,7 +526,7 @@ def test_fire_of_a_routine_disabled_while_the_fire_waits_out_its_early_arrival_i
     now = at("2026-11-30T06:00:20.100Z")
     store = MemoryStore()
     driver = Driver(store, now)
-    routine = schedule_immediately(make_routine(8, cron("30 * * * * *"), None, now), driver.queue, now)
+    routine = schedule_immediately(numbered_routine(8, cron("30 * * * * *"), None, now), driver.queue, now)
     store.create_routine(routine)
 
     def sleep_then_disable(seconds: float) -> None:
@@ -570,26 +554,6 @@ def test_fire_of_a_routine_disabled_while_the_fire_waits_out_its_early_arrival_i
 
 
 # --- on Azurite: request counts, concurrent ticks, crashes ------------------------------------
-
-
-class RequestCounter:
-    """``raw_request_hook``: counts every storage HTTP request of the clients it is given to."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.count = 0
-        self.lines: list[str] = []
-
-    def __call__(self, request: Any) -> None:
-        with self._lock:
-            self.count += 1
-            self.lines.append(f"{request.http_request.method} {request.http_request.url.split('?')[0]}")
-
-    def reset(self) -> int:
-        with self._lock:
-            count, self.count = self.count, 0
-            self.lines = []
-            return count
 
 
 class RecordingQueue:
@@ -653,7 +617,7 @@ def seed(storage: Storage, store: TableStore, routines: Sequence[Routine]) -> No
 def population(total: int, due: int, now: datetime) -> list[Routine]:
     fire = (now + timedelta(seconds=5)).replace(microsecond=0)
     far = now + timedelta(days=30)
-    return [make_routine(i, yearly_at(fire), fire if i < due else far, now) for i in range(total)]
+    return [numbered_routine(i, yearly_at(fire), fire if i < due else far, now) for i in range(total)]
 
 
 DUE = 10
@@ -784,7 +748,7 @@ def test_a_tick_that_dies_before_its_advance_enqueues_nothing_and_the_next_sends
     routines = population(20, 5, now)
     seed(storage, store, routines)
     # and a minutely routine down for a day: one missed record
-    routines.append(make_routine(99, cron("* * * * *"), now - timedelta(days=1), now))
+    routines.append(numbered_routine(99, cron("* * * * *"), now - timedelta(days=1), now))
     store.create_routine(routines[-1])
     queue = storage.queue()
     crashing = cast(Store, AdvanceFailsOnce(store))

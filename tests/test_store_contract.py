@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -43,8 +43,8 @@ from routines.store import (
 )
 from routines.store.memory import MemoryStore
 from routines.store.tables import TableStore
+from tests.helpers import T0, make_routine
 
-T0 = datetime(2026, 11, 29, 20, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
 
 
@@ -64,24 +64,6 @@ def store(request: pytest.FixtureRequest) -> Iterator[Store]:
     yield table_store
     for name in (table_store.routines_table, table_store.runs_table):
         service.delete_table(name)
-
-
-def make_routine(name: str = "daily-scan", *, fire: datetime | None = None, **changes: Any) -> Routine:
-    """A schedule routine; ``fire`` sets both ``next_fire_at`` and the due entry."""
-    data: dict[str, Any] = {
-        "id": new_routine_id(),
-        "name": name,
-        "trigger": {"type": "schedule", "cron_expression": "0 6 * * *", "time_zone": "UTC"},
-        "actions": [{"type": "invocation", "agent_id": "asst_abc123", "input": "scan the logs"}],
-        "state": RoutineState.enabled,
-        "next_fire_at": fire,
-        "due_at": fire,
-        "created_at": T0,
-        "updated_at": T0,
-        "version": 1,
-    }
-    data.update(changes)
-    return Routine.model_validate(data)
 
 
 def make_run(

@@ -38,6 +38,7 @@ from routines.models import RunStatus
 from routines.scheduler import tick
 from routines.store.memory import MemoryStore
 from tests.fake_agent import FakeAgent, Reply
+from tests.helpers import Clock
 
 AGENT = "flaky-agent"
 SECRET_INPUT = "do-not-log-7f3a91c2"  # appears only in the routine's input
@@ -84,17 +85,6 @@ def otel() -> Iterator[Otel]:
     _session.metric_points()  # drop what earlier tests recorded
     yield _session
     _session.spans.clear()
-
-
-@dataclass
-class Clock:
-    now: datetime
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @dataclass
@@ -407,7 +397,7 @@ def test_a_webhook_delivery_span_is_the_root_of_its_runs_trace(otel: Otel) -> No
         spans["routines.dispatch.fire"],
         spans["routines.agent.start"],
     )
-    assert hook.kind is SpanKind.SERVER
+    assert hook.kind is SpanKind.SERVER and hook.attributes is not None
     assert hook.attributes["run.id"] == run_id and hook.attributes["webhook.delivery_id"] == "msg_1"
     assert hook.attributes["routine.id"] == rid and hook.attributes["webhook.outcome"] == 202
     assert dispatch.parent is not None and dispatch.parent.span_id == hook.context.span_id

@@ -38,7 +38,7 @@ def schedule(cron: str, tz: str = "UTC") -> dict[str, object]:
     return {"type": "schedule", "cron_expression": cron, "time_zone": tz}
 
 
-CASES = [
+CASES: list[tuple[str, dict[str, object], str]] = [
     ("daily", schedule("0 6 * * *", "Europe/Paris"), "every day at 06:00, Europe/Paris"),
     ("weekdays", schedule("30 8 * * 1-5"), "every weekday at 08:30, UTC"),
     ("day_name", schedule("0 9 * * MON"), "every Monday at 09:00, UTC"),

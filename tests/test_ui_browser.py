@@ -15,10 +15,9 @@ import json
 import os
 import re
 import shutil
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,10 @@ from routines.azurite import Azurite
 from tests.conftest import ExternalStorage
 from tests.devhost_process import devhost_process
 from tests.fake_agent import FakeAgent
+from tests.helpers import request_json
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
-Browser = playwright_api.Browser
-Page = playwright_api.Page
-expect = playwright_api.expect
+pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
+from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM:
@@ -40,12 +38,12 @@ if not CHROMIUM:
         "no Chromium found (apt-get install chromium, or set CHROMIUM=/path)", allow_module_level=True
     )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 KEY = "test-function-key-" + uuid.uuid4().hex[:8]
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
-DESKTOP = {"width": 1280, "height": 800}
-PHONE = {"width": 390, "height": 844}
+DESKTOP: ViewportSize = {"width": 1280, "height": 800}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 expect.set_options(timeout=30_000)  # generous: CI is a loaded 2-core machine
 
 
@@ -56,19 +54,9 @@ class Api:
         self.base = base
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        request = urllib.request.Request(
-            f"{self.base}/api/{path}",
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={"Content-Type": "application/json", "x-functions-key": KEY},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                raw = response.read()
-                return response.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            return exc.code, json.loads(raw) if raw else None
+        headers = {"Content-Type": "application/json", "x-functions-key": KEY}
+        status, _, answer = request_json(method, f"{self.base}/api/{path}", body, headers)
+        return status, answer
 
     def create(self, name: str, trigger: dict[str, Any], agent: str = "echo", **extra: Any) -> dict[str, Any]:
         body = {
@@ -117,22 +105,31 @@ def api(host: str) -> Api:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with playwright_api.sync_playwright() as playwright:
+    with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield chromium
         chromium.close()
 
 
-def new_page(browser: Browser, *, key: str | None = KEY, viewport: dict[str, int] = DESKTOP) -> Page:
+@dataclass
+class PageErrors:
+    """What a page reported: errors thrown or logged, and the HTTP statuses its test provokes."""
+
+    js: list[str] = field(default_factory=list)
+    expected_statuses: set[int] = field(default_factory=set)
+
+
+ERRORS: dict[Page, PageErrors] = {}  # of every page new_page made
+
+
+def new_page(browser: Browser, *, key: str | None = KEY, viewport: ViewportSize = DESKTOP) -> Page:
     context = browser.new_context(viewport=viewport, locale="en-GB", timezone_id="UTC")
     if key is not None:
         context.add_init_script(f"sessionStorage.setItem('routines.functionKey', {json.dumps(key)})")
     page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-    page.js_errors = errors  # type: ignore[attr-defined]
-    page.expected_statuses = set()  # type: ignore[attr-defined]
+    errors = ERRORS[page] = PageErrors()
+    page.on("pageerror", lambda error: errors.js.append(str(error)))
+    page.on("console", lambda message: errors.js.append(message.text) if message.type == "error" else None)
     return page
 
 
@@ -142,8 +139,8 @@ def page(browser: Browser) -> Iterator[Page]:
     yield page
     # A thrown error, a CSP violation or a failed request in the page is a defect even when the test's
     # checks passed, but for the statuses a test provokes on purpose.
-    expected = [f"status of {status} " for status in page.expected_statuses]  # type: ignore[attr-defined]
-    errors = [e for e in page.js_errors if not any(x in e for x in expected)]  # type: ignore[attr-defined]
+    expected = [f"status of {status} " for status in ERRORS[page].expected_statuses]
+    errors = [e for e in ERRORS.pop(page).js if not any(x in e for x in expected)]
     page.context.close()
     assert not errors, errors
 
@@ -338,7 +335,7 @@ def test_the_page_refreshes_itself_without_reloading(
 
 
 def test_api_errors_are_shown_as_messages(page: Page, host: str, api: Api) -> None:
-    page.expected_statuses.add(404)  # type: ignore[attr-defined]
+    ERRORS[page].expected_statuses.add(404)
     page.goto(f"{host}/api/ui#/routines/rt_doesnotexist")
     alert = messages(page).get_by_role("alert")
     expect(alert).to_contain_text(re.compile("Could not load this page: 404 Not Found", re.I))
@@ -482,7 +479,7 @@ def test_keyboard_alone_opens_a_routine_and_acts_on_it(page: Page, host: str, ap
 
 @pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["1280x800", "phone"])
 def test_readable_without_horizontal_scrolling(
-    browser: Browser, host: str, api: Api, viewport: dict[str, int]
+    browser: Browser, host: str, api: Api, viewport: ViewportSize
 ) -> None:
     routine = api.create(f"fits-{viewport['width']}", daily("0 7 * * 1"), description="Weekly summary")
     run = api.dispatch(routine["id"])
@@ -498,5 +495,5 @@ def test_readable_without_horizontal_scrolling(
         assert font >= 14
     if viewport is PHONE:
         page.screenshot(path=str(SCREENSHOTS / "dashboard-phone.png"), full_page=True)
-    assert not page.js_errors  # type: ignore[attr-defined]
+    assert not ERRORS.pop(page).js
     page.context.close()

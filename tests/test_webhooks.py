@@ -466,6 +466,7 @@ def test_a_debounced_burst_makes_one_run_of_the_latest_event_once_quiet(world: W
     world.drain()
     [(started, call)] = world.agent.calls
     assert started == NOW + timedelta(seconds=6 + 5)  # quiet for 5 s after the last delivery
+    assert isinstance(call.input, dict)
     assert call.input["number"] == 3 and call.input["instructions"] == "Review PR #3: t3"
     [run] = world.runs(rid)
     assert run["status"] == "succeeded" and run["coalesced_fires"] == 3 and run["event"]["id"] == "m3"

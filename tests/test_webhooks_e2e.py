@@ -17,6 +17,7 @@ from standardwebhooks import Webhook
 
 from tests.devhost_process import devhost_process
 from tests.fake_agent import FakeAgent
+from tests.helpers import request_json
 
 pytestmark = pytest.mark.e2e
 
@@ -24,14 +25,8 @@ SECRET = "whsec_" + base64.b64encode(b"end-to-end webhook secret").decode()
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
-    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        return exc.code, json.loads(raw) if raw else None
+    status, _, answer = request_json("POST", url, headers=headers, data=body)
+    return status, answer
 
 
 def get(url: str) -> Any:

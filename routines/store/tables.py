@@ -97,6 +97,8 @@ class TableStore(PlanStore):
             except _WireError as exc:
                 unsure = unsure or exc.maybe_applied
                 if attempt == WRITE_ATTEMPTS - 1:
+                    if isinstance(exc.error, StorageUnavailable):
+                        exc.error.retried = True  # callers must not try it all again
                     raise exc.error from exc.__cause__
                 time.sleep(min(WRITE_BACKOFF_MAX, WRITE_BACKOFF * 2**attempt))
             except (Conflict, NotFound, PreconditionFailed):
