@@ -26,7 +26,7 @@ from common import say
 from routines import scheduler
 from routines.agents.http import HttpAgentBackend
 from routines.dispatcher import Dispatcher
-from routines.models import InvocationAction, OverlapPolicy, RunStatus
+from routines.models import Concurrency, InvocationAction, OverlapPolicy, RunStatus
 from routines.runtime import storage_clients
 from routines.store.tables import TableStore
 from tests.fake_agent import FakeAgent, Reply
@@ -45,6 +45,7 @@ def measure(
     overlap: OverlapPolicy = OverlapPolicy.skip,
     timeout: float = 60,
     actions: list[Any] | None = None,
+    concurrency: Concurrency | None = None,
 ) -> dict[str, Any]:
     """Run ``fires`` fires through tick, receive, dispatch and delete; count requests per phase."""
     counter = common.RequestCounter()
@@ -68,6 +69,7 @@ def measure(
             agent=agent_name,
             overlap_policy=overlap,
             actions=actions,
+            concurrency=concurrency,
         )
         for i in range(fires)
     ]
@@ -158,9 +160,13 @@ def main() -> None:
         steps = fires // 4
         variants.append(("4 steps a -> b, c -> d, skip", measure(conn, agent, "dag", steps, actions=diamond)))
         step_variant = variants[-1][1]
+        for label, limit in (("no wait", 1000), ("8 at once", 8)):
+            key = Concurrency(key=f"bench-{limit}", limit=limit)
+            run = measure(conn, agent, f"key{limit}", fires, concurrency=key)
+            variants.append((f"200, skip, concurrency key ({label}: limit {limit})", run))
         starts = agent.starts()
         duplicates = agent.duplicate_starts()
-    assert len(starts) == 3 * fires + 4 * steps and not duplicates, (len(starts), duplicates)
+    assert len(starts) == 5 * fires + 4 * steps and not duplicates, (len(starts), duplicates)
     common.save_json("requests_per_fire", variants)
 
     headers = ("variant", "tick", "receive", "dispatch", "delete", "total per fire", "messages per fire")
@@ -225,6 +231,12 @@ whatever the overlap policy: the overlap slot's claim and release ride in the ru
   first costs its own start message (send, receive share, delete), its lease and its outcome write.
 - A 202 run costs {variants[2][1]["per_fire"] - main_variant["per_fire"]:.2f} more per fire for one poll
   (write the pending state, send the poll message, receive + delete it, read the run and the routine).
+- A concurrency key costs {variants[4][1]["per_fire"] - main_variant["per_fire"]:.2f} more per fire when
+  no fire waits (target +3: read and write the key's permits row to take a permit, read and write it
+  to give it back), and {variants[5][1]["per_fire"] - main_variant["per_fire"]:.2f} more when the key
+  lets 8 run at once and the other fires wait their turn (each waiting fire also writes its run as
+  waiting, and gets its start message when a permit passes to it; races on the one row are read
+  again).
 """,
     )
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final, Literal
 
-from routines import graph, retry, schedule
+from routines import graph, limits, retry, schedule
 from routines.agents.base import AgentError, AgentOutcome
 from routines.errors import Conflict, NotFound
 from routines.messages import MAX_DELAY_SECONDS, DispatchMessage, delay_until
@@ -43,6 +43,7 @@ from routines.models import (
     Action,
     ActionResult,
     ApprovalStep,
+    Concurrency,
     OverlapPolicy,
     ResponseAction,
     Routine,
@@ -90,6 +91,7 @@ class Facts:
     etag: str | None = None  # the run's, when ``run`` is a Run
     slot: Slot | _Unknown | None = UNKNOWN
     holder: Run | _Unknown | None = UNKNOWN  # the slot holder's run
+    permits: limits.Permits | _Unknown | None = UNKNOWN  # the run's concurrency key's permits
     contended: bool = False  # a slot write lost: decide from the slot as read, not optimistically
     called: str | None = None  # the step just called
     called_attempt: int = 0  # the attempt of that step the call was for
@@ -144,6 +146,15 @@ class CountOutcome:
 
 
 @dataclass(frozen=True)
+class ReleasePermit:
+    """Give back run ``run_id``'s permit of concurrency ``key`` (or its place in line), handing it to
+    the oldest waiter. Before the watch is dropped, like ``CountOutcome``; idempotent."""
+
+    key: str
+    run_id: str
+
+
+@dataclass(frozen=True)
 class RecordThread:
     routine_id: str
     index: int
@@ -194,6 +205,7 @@ Effect = (
     | CancelAgent
     | CompleteTimer
     | CountOutcome
+    | ReleasePermit
     | RecordThread
     | Unwatch
     | Finished
@@ -204,7 +216,16 @@ Effect = (
 
 @dataclass(frozen=True)
 class Load:
-    what: Literal["routine", "run", "slot", "holder"]
+    what: Literal["routine", "run", "slot", "holder", "permits"]
+    key: str | None = None  # ``permits``: of this concurrency key
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Write the permits row ``permits`` (conditional on its etag); then decide again on it. A lost
+    race is decided again on a fresh read."""
+
+    permits: limits.Permits
 
 
 @dataclass(frozen=True)
@@ -230,7 +251,7 @@ class Done:
     why: str = ""
 
 
-Step = Load | Wait | Write | Done
+Step = Load | Wait | Write | Done | Gate
 
 
 # --- the machine --------------------------------------------------------------------------------
@@ -349,7 +370,9 @@ def _existing(f: Facts, routine: Routine, run: Run) -> Step:
     if run.status is RunStatus.queued:
         if m.step is not None:
             return Done(tuple(effects), "a step message of a run not started")
-        held = run.next_attempt_at  # a queued run may be held until then (a webhook debounce window)
+        # A queued run may be held until then (a webhook debounce window); one waiting for a permit
+        # is not: a release wakes it early, and its permit check decides.
+        held = None if run.progress.waiting_on else run.next_attempt_at
         if held is not None and held > f.now + timedelta(seconds=MAX_EARLY_WAIT):
             effects.append(Send(m, delay_until(held, f.now)))
             return Done(tuple(effects), "queued until its next_attempt_at")
@@ -441,12 +464,35 @@ def _claim(f: Facts, routine: Routine, run: Run, before: tuple[Effect, ...], *, 
             "the scheduled time",
             before,
         )
+    conc = plan.concurrency
+    if conc is not None and run.progress.permit != conc.key:
+        if isinstance(f.permits, _Unknown):
+            return Load("permits", conc.key)
+        try:
+            permits, admitted = limits.admit(f.permits, conc.key, conc.limit, _waiter(run))
+        except limits.QueueFull as exc:
+            failed = run if not fresh else run.model_copy(update={"attempt": f.message.attempt})
+            return _finish(f, failed, RunStatus.failed, f"not started: {exc}", before)
+        if permits is not f.permits:
+            return Gate(permits)
+        if not admitted:
+            return _wait_for_permit(f, run, conc, permits, before, fresh=fresh)
     claimed = run.model_copy(deep=True)
     claimed.status = RunStatus.running
     claimed.attempt = 1
     claimed.max_attempts = plan.retry_policy.max_attempts
     claimed.next_attempt_at = None
     claimed.started_at = claimed.started_at or now
+    stale_line: tuple[Effect, ...] = ()
+    waited_on = claimed.progress.waiting_on
+    if waited_on is not None:  # it waited for a permit: say how long
+        since = claimed.progress.waiting_since or now
+        claimed.waited_seconds += max(0.0, (now - since).total_seconds())
+        claimed.wait_reason = f"waited for a permit of concurrency key {waited_on}"
+        claimed.progress.waiting_on = claimed.progress.waiting_since = None
+        if conc is None or conc.key != waited_on:  # the routine's key changed while it waited
+            stale_line = (ReleasePermit(waited_on, run.id),)
+    claimed.progress.permit = conc.key if conc is not None else None
     ids = graph.step_ids(plan.actions)
     claimed.actions = [ActionResult(index=i, id=step) for i, step in enumerate(ids)]
     p = claimed.progress
@@ -455,7 +501,53 @@ def _claim(f: Facts, routine: Routine, run: Run, before: tuple[Effect, ...], *, 
     p.holds_slot = p.holds_slot or slot_write is not None
     effects = _advance(claimed, now, f.owner, take=True)
     _set_status(claimed)
-    return Write(claimed, None if fresh else f.etag, slot_write, (*before, *effects), "claim")
+    return Write(claimed, None if fresh else f.etag, slot_write, (*before, *stale_line, *effects), "claim")
+
+
+PERMIT_RECHECK: Final = timedelta(minutes=5)  # a waiting run looks again this often (a lost wake-up)
+
+
+def _waiter(run: Run) -> limits.Waiter:
+    return limits.Waiter(run.scheduled_for, run.id, run.routine_id)
+
+
+def _wait_for_permit(
+    f: Facts,
+    run: Run,
+    conc: Concurrency,
+    permits: limits.Permits,
+    before: tuple[Effect, ...],
+    *,
+    fresh: bool,
+) -> Step:
+    """No permit of ``conc.key`` is free (or older runs wait): ``run`` waits ``queued`` in line, with
+    a look again at ``next_attempt_at`` (a release wakes it sooner), up to its ``max_age_seconds``."""
+    now = f.now
+    if (
+        not fresh
+        and run.progress.waiting_on == conc.key
+        and run.next_attempt_at is not None
+        and run.next_attempt_at > now + timedelta(seconds=MAX_EARLY_WAIT)
+    ):
+        return Done(before, "still waiting for a permit")  # its look again is queued
+    plan = run.progress.plan
+    max_age = (
+        plan.retry_policy if plan else f.routine.retry_policy if isinstance(f.routine, Routine) else None
+    )
+    recheck = now + PERMIT_RECHECK
+    if max_age is not None and max_age.max_age_seconds is not None:
+        recheck = min(recheck, run.due + timedelta(seconds=max_age.max_age_seconds + 1))
+    waiting = run.model_copy(deep=True)
+    waiting.status, waiting.next_attempt_at = RunStatus.queued, recheck
+    place = (permits.position(run.id) or 0) + 1
+    waiting.wait_reason = (
+        f"waiting for a permit of concurrency key {conc.key}: {len(permits.holders)} of {conc.limit} "
+        f"taken, {place} in line"
+    )
+    waiting.progress.waiting_on = conc.key
+    waiting.progress.waiting_since = waiting.progress.waiting_since or now
+    look_again = Send(release_message(waiting), delay_until(recheck, now))
+    return Write(waiting, None if fresh else f.etag, None, (*before, look_again), "waiting for a permit")
 
 
 def _claim_step(
@@ -663,7 +755,10 @@ def _overlap(
         buffered = None if slot.buffered == run.id else slot.buffered
         taken = dataclasses.replace(f, slot=Slot(run.id, buffered, slot.etag), contended=True)
         return _claim(taken, routine, run, before, fresh=fresh)
-    policy = (run.progress.plan or RunPlan.of(routine)).overlap_policy
+    plan = run.progress.plan or RunPlan.of(routine)
+    policy = plan.overlap_policy
+    if plan.concurrency is not None:  # it may have taken a permit (or a place) before it lost the slot
+        before = (*before, ReleasePermit(plan.concurrency.key, run.id))
     if policy is OverlapPolicy.buffer_one and slot.buffered in (None, run.id):
         if slot.buffered == run.id and run.status is RunStatus.queued and run.progress.holds_slot:
             return Done(before, "already buffered")
@@ -884,8 +979,16 @@ def _finish(
         if not r.status.terminal:
             r.status, r.ended_at, r.next_attempt_at = StepStatus.cancelled, f.now, None
     p = run.progress
-    final.progress = RunProgress(routine_version=p.routine_version)
-    effects: list[Effect] = [*before, *_counted(f, run, status), _unwatch(f.message), Finished(status)]
+    key = p.permit or p.waiting_on
+    final.progress = RunProgress(routine_version=p.routine_version, permit=key)
+    released = (ReleasePermit(key, run.id),) if key else ()
+    effects: list[Effect] = [
+        *before,
+        *_counted(f, run, status),
+        *released,
+        _unwatch(f.message),
+        Finished(status),
+    ]
     slot_write = None
     if p.holds_slot:
         if not f.contended and p.slot_etag and isinstance(f.slot, _Unknown):
@@ -1056,11 +1159,19 @@ def release_message(waiting: Run) -> DispatchMessage:
 def release_message_for(routine_id: str, run_id: str, finished: Run) -> DispatchMessage:
     """``release_message`` of a buffered run, built without reading it (its scheduled time is in its
     id; the message's version is not used for a queued run)."""
+    scheduled_for = scheduled_for_of(run_id, finished.scheduled_for)
+    return release_message_of(routine_id, run_id, scheduled_for, finished.progress.routine_version or 1)
+
+
+def release_message_of(
+    routine_id: str, run_id: str, scheduled_for: datetime, version: int = 1
+) -> DispatchMessage:
+    """``release_message`` of a queued run known by its ids only (a waiter handed a permit)."""
     return DispatchMessage(
         kind="retry",
         routine_id=routine_id,
-        scheduled_for=scheduled_for_of(run_id, finished.scheduled_for),
-        routine_version=finished.progress.routine_version or 1,
+        scheduled_for=scheduled_for,
+        routine_version=version,
         attempt=1,
         run_id=run_id,
     )

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from routines import decide, graph, lifecycle, placeholders, telemetry
+from routines import decide, graph, lifecycle, limits, placeholders, telemetry
 from routines.agents import bounds
 from routines.agents.base import AgentBackend, AgentCall, AgentError, AgentOutcome
 from routines.decide import UNKNOWN, Facts
@@ -128,7 +128,7 @@ class Dispatcher:
         for _ in range(MAX_STEPS):
             step = decide.next_step(facts)
             if isinstance(step, decide.Load):
-                facts = self._load(facts, step.what)
+                facts = self._load(facts, step.what, step.key)
             elif isinstance(step, decide.Wait):
                 self.sleep(step.seconds)
                 facts = dataclasses.replace(facts, now=self.clock())
@@ -146,6 +146,8 @@ class Dispatcher:
                 if called is None:
                     return
                 facts = called
+            elif isinstance(step, decide.Gate):
+                facts = self._gate(facts, step)
             else:
                 next_facts = self._write(facts, step)
                 if next_facts is None:
@@ -154,7 +156,7 @@ class Dispatcher:
         log.warning("run %s: undecided after %d steps; trying again shortly", facts.message.run_id, MAX_STEPS)
         self.queue.send(facts.message, 1)
 
-    def _load(self, facts: Facts, what: str) -> Facts:
+    def _load(self, facts: Facts, what: str, key: str | None = None) -> Facts:
         m = facts.message
         if what == "routine":
             try:
@@ -170,6 +172,9 @@ class Dispatcher:
                 return dataclasses.replace(facts, run=None, etag=None)
         if what == "slot":
             return dataclasses.replace(facts, slot=self.store.get_slot(m.routine_id), holder=UNKNOWN)
+        if what == "permits":
+            assert key is not None
+            return dataclasses.replace(facts, permits=self.store.get_permits(key))
         holder = decide.holder_id(facts)
         found: Run | None = None
         if holder:
@@ -178,6 +183,14 @@ class Dispatcher:
             except NotFound:
                 found = None
         return dataclasses.replace(facts, holder=found)
+
+    def _gate(self, facts: Facts, step: decide.Gate) -> Facts:
+        """Write a concurrency key's permits; on a lost race, decide again on a fresh read."""
+        try:
+            etag = self.store.put_permits(step.permits)
+        except (PreconditionFailed, Conflict):
+            return dataclasses.replace(facts, permits=UNKNOWN)
+        return dataclasses.replace(facts, permits=dataclasses.replace(step.permits, etag=etag))
 
     def _write(self, facts: Facts, step: decide.Write) -> Facts | None:
         """Write the run, then perform the effects. Returns the facts to go on from, or None when
@@ -250,6 +263,8 @@ class Dispatcher:
         elif isinstance(effect, decide.CompleteTimer):
             fired = effect.fired
             self._update_routine(effect.routine_id, lambda r, now: lifecycle.complete_timer(r, fired, now))
+        elif isinstance(effect, decide.ReleasePermit):
+            limits.give_back(self.store, self.queue, effect.key, effect.run_id)
         elif isinstance(effect, decide.CountOutcome):
             c = effect
             lifecycle.record_outcome(self.store, c.routine_id, c.run_id, c.status, c.ended_at, self.clock)

@@ -390,6 +390,18 @@ class RetryPolicy(CompactModel):
         return self
 
 
+FLOW_KEY_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class Concurrency(CompactModel):
+    """At most ``limit`` runs at once across every routine naming ``key`` (README "Flow control")."""
+
+    key: str = Field(pattern=FLOW_KEY_PATTERN)
+    limit: int = Field(ge=1, le=1000)
+
+    _integers = field_validator("limit", mode="before")(json_integers)
+
+
 class OverlapPolicy(StrEnum):
     skip = "skip"
     buffer_one = "buffer_one"
@@ -413,7 +425,8 @@ class _RoutineFields(Model):
     overlap_policy: OverlapPolicy = OverlapPolicy.skip
     catchup_window_seconds: int = Field(default=3600, ge=0, le=30 * 86400)
     timeout_seconds: int = Field(default=600, ge=1, le=86400)
-    # Flow control (README "Flow control"): when the schedule fires, and when it stops.
+    # Flow control (README "Flow control"): how many run at once, when the schedule fires and stops.
+    concurrency: Concurrency | None = None
     jitter_seconds: int = Field(default=0, ge=0, le=3600)
     start_at: UtcDatetime | None = None
     end_at: UtcDatetime | None = None
@@ -625,6 +638,7 @@ class RunPlan(Model):
     timeout_seconds: int
     overlap_policy: OverlapPolicy
     pause_after_failures: int = 0
+    concurrency: Concurrency | None = None
 
     @classmethod
     def of(cls, routine: Routine) -> RunPlan:
@@ -636,6 +650,7 @@ class RunPlan(Model):
             timeout_seconds=routine.timeout_seconds,
             overlap_policy=routine.overlap_policy,
             pause_after_failures=routine.pause_after_failures,
+            concurrency=routine.concurrency,
         )
 
 
@@ -664,6 +679,9 @@ class RunProgress(Model):
     holds_slot: bool = False  # this run holds the routine's overlap slot and must release it
     slot_etag: str | None = None  # the slot row as this run last wrote it: released without a read
     handed_to: str | None = None  # a finished run: the buffered run it handed the overlap slot to
+    permit: str | None = None  # the concurrency key this run holds a permit of (kept once it ended)
+    waiting_on: str | None = None  # the concurrency key this queued run waits for
+    waiting_since: UtcDatetime | None = None
 
 
 class WebhookEvent(Model):
@@ -693,6 +711,8 @@ class Run(Model):
     error_message: str | None = None
     trace_id: str | None = None
     coalesced_fires: int = 0  # fires a late tick or catch-up folded into this run (besides its own)
+    wait_reason: str | None = None  # why it waited to start (a concurrency key), while and after
+    waited_seconds: float = 0.0  # how long it waited for that
     event: WebhookEvent | None = None  # webhook runs only
     progress: RunProgress = Field(default_factory=RunProgress, exclude=True)
 

@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from routines import decide, lifecycle, scheduler
+from routines import decide, lifecycle, limits, scheduler
 from routines.errors import NotFound
 from routines.messages import DispatchMessage, DispatchQueue
 from routines.models import Run, RunStatus
@@ -75,6 +75,8 @@ def repair(
         if decision.sends:
             log.warning("repair: run %s of routine %s: %s", watch.run_id, watch.routine_id, decision.why)
         if decision.check_at is None:
+            if run is not None and run.progress.permit:  # its worker may have died before giving it back
+                limits.give_back(store, queue, run.progress.permit, run.id)
             if run is not None and run.status in (RunStatus.failed, RunStatus.succeeded):
                 # Its worker may have died before counting it (``decide.CountOutcome``): counted here.
                 lifecycle.record_outcome(

@@ -6,6 +6,7 @@ and nothing is stored or changed."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from datetime import datetime, timedelta
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from routines import decide, schedule, scheduler
+from routines import decide, limits, schedule, scheduler
 from routines.agents.base import AgentError
 from routines.models import RoutineState, Run, RunStatus, ScheduleTrigger
 from routines.repair import repair
@@ -334,3 +335,179 @@ def test_a_failure_its_worker_did_not_count_is_counted_by_the_repair_pass(
     routine = fleet.store.get_routine(rid)[0]
     assert routine.failures == [fleet.runs(rid)[0].id], "counted once, by the repair pass"
     assert routine.state is RoutineState.completed, "a completed routine is not disabled"
+
+
+# --- concurrency keys -------------------------------------------------------------------------------
+
+
+def waiter(second: int, run_id: str) -> limits.Waiter:
+    return limits.Waiter(at(second), run_id, "rt_x")
+
+
+def test_admit_takes_a_free_permit_and_lines_up_oldest_first() -> None:
+    permits, ok = limits.admit(None, "k", 2, waiter(10, "a"))
+    assert ok and permits.holders == {"a": "rt_x"}
+    permits, ok = limits.admit(permits, "k", 2, waiter(20, "b"))
+    assert ok and set(permits.holders) == {"a", "b"}
+    again, ok = limits.admit(permits, "k", 2, waiter(20, "b"))
+    assert ok and again is permits, "a holder asking again changes nothing"
+    permits, ok = limits.admit(permits, "k", 2, waiter(40, "d"))
+    assert not ok and [w.run_id for w in permits.waiters] == ["d"]
+    permits, ok = limits.admit(permits, "k", 2, waiter(30, "c"))
+    assert not ok and [w.run_id for w in permits.waiters] == ["c", "d"], "oldest scheduled first"
+    permits, handed = limits.release(permits, "a")
+    assert [w.run_id for w in handed] == ["c"] and set(permits.holders) == {"b", "c"}
+    assert [w.run_id for w in permits.waiters] == ["d"]
+    same, handed = limits.release(permits, "a")
+    assert same is permits and handed == [], "releasing twice changes nothing"
+    permits, handed = limits.release(permits, "d")
+    assert handed == [] and permits.waiters == (), "a waiter that ends leaves the line"
+
+
+def test_a_free_permit_still_goes_to_an_older_waiter_first() -> None:
+    permits = limits.Permits("k", 1, {}, (waiter(10, "old"),))
+    permits, ok = limits.admit(permits, "k", 1, waiter(20, "new"))
+    assert not ok and [w.run_id for w in permits.waiters] == ["old", "new"]
+    permits, ok = limits.admit(permits, "k", 1, waiter(10, "old"))
+    assert ok and permits.holders == {"old": "rt_x"}
+
+
+def test_a_full_line_is_refused() -> None:
+    line = tuple(waiter(i, f"w{i}") for i in range(limits.MAX_WAITERS))
+    with pytest.raises(limits.QueueFull):
+        limits.admit(limits.Permits("k", 1, {"h": "rt_x"}, line), "k", 1, waiter(99999, "late"))
+
+
+@pytest.mark.parametrize(
+    "concurrency",
+    [
+        pytest.param({"key": "openai", "limit": 0}, id="limit-0"),
+        pytest.param({"key": "openai", "limit": -1}, id="limit-negative"),
+        pytest.param({"key": "openai", "limit": 1001}, id="limit-over-1000"),
+        pytest.param({"key": "open ai", "limit": 2}, id="key-with-a-space"),
+        pytest.param({"key": "k" * 65, "limit": 2}, id="key-too-long"),
+        pytest.param({"key": "", "limit": 2}, id="key-empty"),
+        pytest.param({"limit": 2}, id="key-missing"),
+        pytest.param({"key": "openai", "limit": 2, "burst": 1}, id="unknown-member"),
+    ],
+)
+def test_a_bad_concurrency_is_422_and_nothing_is_stored(concurrency: dict[str, Any]) -> None:
+    fleet = a_fleet()
+    body = {"name": "bad", "trigger": EVERY_10S, "actions": ECHO, "concurrency": concurrency}
+    response = fleet.call("create_routine", body)
+    assert response.status == 422, response.body
+    assert all(e["loc"][0] == "concurrency" for e in response.body["errors"]), response.body
+    assert fleet.store.list_routines(None, 10, None).items == []
+
+
+def busy_fleet(limit: int, routines: int, **fields: Any) -> tuple[Fleet, list[str]]:
+    """``routines`` routines firing every 10 s on one key; each agent run takes 25 s."""
+    fleet = a_fleet()
+    fleet.agent.pending_for = 25
+    fleet.agent.replies["slow"] = ["pending"]
+    ids = [
+        fleet.create(
+            [{"type": "invocation", "agent_id": "slow", "input": "go"}],
+            trigger=EVERY_10S,
+            overlap_policy="allow_all",
+            concurrency={"key": "openai", "limit": limit},
+            **fields,
+        )
+        for _ in range(routines)
+    ]
+    return fleet, ids
+
+
+def agent_concurrency(fleet: Fleet) -> int:
+    """The most agent runs in flight at once, as the agent saw them: from each start to the first
+    poll that found it done."""
+    starts = {c.idempotency_key: t for kind, c, t in fleet.agent.calls if kind == "start"}
+    ends: dict[str, datetime] = {}
+    for kind, call, when in fleet.agent.calls:
+        if (
+            kind == "poll"
+            and (when - starts[call.idempotency_key]).total_seconds() >= fleet.agent.pending_for
+        ):
+            ends.setdefault(call.idempotency_key, when)
+    events = sorted([(t, 1) for t in starts.values()] + [(t, -1) for t in ends.values()])
+    running = peak = 0
+    for _, change in events:  # at the same instant an end (-1) sorts before a start
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def test_a_concurrency_key_holds_across_routines_and_every_fire_runs_oldest_first() -> None:
+    fleet, ids = busy_fleet(limit=2, routines=5, max_fires=5)  # 25 fires on a key of 2, each run 25 s
+    fleet.run_for(25 * 25 / 2 + 60)
+    runs = [run for rid in ids for run in fleet.runs(rid)]
+    assert len(runs) == 25
+    assert all(r.status is RunStatus.succeeded for r in runs), [r.status.value for r in runs]
+    started = [r for r in runs if r.started_at is not None]
+    assert agent_concurrency(fleet) <= 2
+    assert agent_concurrency(fleet) == 2, "the key is used to its limit"
+    order = [r.scheduled_for for r in sorted(started, key=lambda r: (r.started_at, r.scheduled_for))]
+    assert order == sorted(order), "permits go to the oldest waiting fire first"
+    waited = [r for r in started if r.waited_seconds > 0]
+    assert waited and all(r.wait_reason == "waited for a permit of concurrency key openai" for r in waited)
+    assert fleet.store.get_permits("openai") == limits.Permits(
+        "openai",
+        2,
+        {},
+        (),
+        fleet.store.get_permits("openai").etag,  # type: ignore[union-attr]
+    ), "nothing held or waiting once every run ended"
+
+
+def test_a_waiting_run_shows_why_and_fails_after_its_max_age() -> None:
+    fleet, ids = busy_fleet(limit=1, routines=1, retry_policy={"max_attempts": 1, "max_age_seconds": 10})
+    fleet.run_for(21)  # 0:10 runs (until 0:35); 0:20 waits, until 0:30 at most
+    [first, second] = fleet.runs(ids[0])
+    assert first.status is RunStatus.running
+    assert second.status is RunStatus.queued
+    assert second.wait_reason == "waiting for a permit of concurrency key openai: 1 of 1 taken, 1 in line"
+    assert second.next_attempt_at is not None
+    fleet.run_for(20)
+    second = fleet.store.get_run(ids[0], second.id)[0]
+    assert second.status is RunStatus.failed
+    assert "max_age_seconds (10s)" in (second.error_message or "")
+    permits = fleet.store.get_permits("openai")
+    assert permits is not None and second.id not in {w.run_id for w in permits.waiters}, "left the line"
+
+
+def test_a_permit_whose_worker_died_comes_back_through_the_repair_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fleet, ids = busy_fleet(limit=1, routines=1)
+    perform = fleet.dispatcher._perform
+    died: list[str] = []
+
+    def dies_after_its_first_final_write(facts: Any, effect: Any) -> Any:
+        if isinstance(effect, decide.ReleasePermit) and not died:
+            died.append(effect.run_id)
+            raise SystemExit("killed")  # the worker is gone: no release, no unwatch
+        return perform(facts, effect)
+
+    monkeypatch.setattr(fleet.dispatcher, "_perform", dies_after_its_first_final_write)
+    monkeypatch.setattr(fleet, "deliver_due", lambda: crash_tolerant_delivery(fleet))
+    fleet.run_for(45)
+    assert fleet.call("disable_routine", id=ids[0]).status == 200
+    assert died, "a run ended and its worker died before giving the permit back"
+    holder = fleet.store.get_permits("openai")
+    assert holder is not None and died[0] in holder.holders, "held by a finished run for now"
+    fleet.run_for(decide.FIRST_CHECK.total_seconds() + 60)
+    permits = fleet.store.get_permits("openai")
+    assert permits is not None and died[0] not in permits.holders, "the repair pass gave it back"
+    assert fleet.store.get_run(ids[0], died[0])[0].status is RunStatus.succeeded
+
+
+def crash_tolerant_delivery(fleet: Fleet) -> int:
+    """``World.deliver_due``, where a worker that dies on a message just drops it (it comes back
+    only through the repair pass, as a message taken by a killed worker would after its visibility)."""
+    handled = 0
+    while due := fleet.queue.due(fleet.clock()):
+        for message in due:
+            with contextlib.suppress(SystemExit):
+                fleet.dispatcher.handle(message.encode())
+        handled += len(due)
+    return handled

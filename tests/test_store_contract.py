@@ -7,6 +7,7 @@ half-written, so most error cases also read the state back.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from azure.data.tables import TableServiceClient
 
+from routines import limits
 from routines.errors import Conflict, NotFound, PreconditionFailed, ValidationError
 from routines.models import (
     ActionResult,
@@ -454,6 +456,22 @@ def test_the_failure_streak_round_trips(store: Store) -> None:
     got = store.get_routine(routine.id)[0]
     assert (got.failures, got.failures_since, got.disabled_reason) == (["run_a", "run_b"], T0, None)
     assert "failures" not in got.public(), "internal"
+
+
+def test_permits_are_created_once_and_replaced_on_their_etag(store: Store) -> None:
+    assert store.get_permits("openai.eu-1") is None
+    first = limits.Permits("openai.eu-1", 2, {"run_a": "rt_a"}, (limits.Waiter(T0, "run_b", "rt_b"),))
+    etag = store.put_permits(first)
+    got = store.get_permits("openai.eu-1")
+    assert got == dataclasses.replace(first, etag=etag)
+    with pytest.raises(Conflict):
+        store.put_permits(first)  # a second creator loses
+    moved = store.put_permits(dataclasses.replace(first, holders={}, etag=etag))
+    with pytest.raises(PreconditionFailed):
+        store.put_permits(dataclasses.replace(first, etag=etag))  # written on a stale etag
+    assert store.get_permits("openai.eu-1") == limits.Permits("openai.eu-1", 2, {}, first.waiters, moved)
+    assert store.get_permits("other") is None
+    assert list(store.runs_scheduled_before(T0 + timedelta(days=9999))) == [], "not a run"
 
 
 def test_advance_with_a_stale_entry_is_false_and_changes_nothing(store: Store) -> None:

@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from routines.errors import RoutinesError
+from routines.limits import Permits
 from routines.models import Routine, Run, RunStatus
 
 
@@ -187,6 +188,16 @@ class Store(Protocol):
         ...
 
     def get_slot(self, routine_id: str) -> Slot | None: ...
+
+    # --- concurrency keys ---------------------------------------------------------------------
+    def get_permits(self, key: str) -> Permits | None:
+        """The permits row of concurrency key ``key`` (``etag`` set), or None before its first use."""
+        ...
+
+    def put_permits(self, permits: Permits) -> str:
+        """Insert (``permits.etag`` None) or replace on its etag; returns the new etag. Raises
+        ``Conflict`` (inserted meanwhile) or ``PreconditionFailed`` (changed meanwhile)."""
+        ...
 
     def runs_scheduled_before(self, cutoff: datetime) -> Iterator[Run]:
         """Every run (of any routine) scheduled before ``cutoff``, for the purge."""

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from routines.errors import Conflict, NotFound, PreconditionFailed
+from routines.limits import Permits
 from routines.models import Routine, Run
 from routines.store import codec
 from routines.store.base import DebounceWrite, Delivery, Slot, SlotTaken, SlotWrite, Watch
@@ -110,6 +111,20 @@ class PlanStore:
         if not found:
             raise NotFound(f"run {run_id!r} of routine {routine_id!r} not found")
         return codec.run_from_row(found[0]), found[1]
+
+    def get_permits(self, key: str) -> Permits | None:
+        found = self._read("runs", codec.LIMITS_PK, codec.PERMITS_PREFIX + key, f"concurrency key {key}")
+        return codec.permits_from_row(*found) if found else None
+
+    def put_permits(self, permits: Permits) -> str:
+        row = codec.permits_row(permits)
+        op: codec.Op = ("insert", row, None) if permits.etag is None else ("replace", row, permits.etag)
+        try:
+            return self._write("runs", [op], f"concurrency key {permits.key}")[0]
+        except _LOST as exc:
+            if permits.etag is None:
+                raise Conflict(f"concurrency key {permits.key} was stored meanwhile") from exc
+            raise PreconditionFailed(f"concurrency key {permits.key} changed") from exc
 
     def get_slot(self, routine_id: str) -> Slot | None:
         found = self._read("runs", routine_id, codec.SLOT_RK, f"slot of {routine_id}")
