@@ -92,6 +92,7 @@ class Facts:
     slot: Slot | _Unknown | None = UNKNOWN
     holder: Run | _Unknown | None = UNKNOWN  # the slot holder's run
     permits: limits.Permits | _Unknown | None = UNKNOWN  # the run's concurrency key's permits
+    starts: limits.Starts | _Unknown | None = UNKNOWN  # the run's rate-limit key's recent starts
     contended: bool = False  # a slot write lost: decide from the slot as read, not optimistically
     called: str | None = None  # the step just called
     called_attempt: int = 0  # the attempt of that step the call was for
@@ -216,16 +217,16 @@ Effect = (
 
 @dataclass(frozen=True)
 class Load:
-    what: Literal["routine", "run", "slot", "holder", "permits"]
-    key: str | None = None  # ``permits``: of this concurrency key
+    what: Literal["routine", "run", "slot", "holder", "permits", "starts"]
+    key: str | None = None  # ``permits``, ``starts``: of this key
 
 
 @dataclass(frozen=True)
 class Gate:
-    """Write the permits row ``permits`` (conditional on its etag); then decide again on it. A lost
-    race is decided again on a fresh read."""
+    """Write a flow-control row (a concurrency key's permits, a rate limit's starts) conditional on
+    its etag; then decide again on it. A lost race is decided again on a fresh read."""
 
-    permits: limits.Permits
+    row: limits.Permits | limits.Starts
 
 
 @dataclass(frozen=True)
@@ -262,10 +263,65 @@ def next_step(f: Facts) -> Step:
     if f.give_up is not None:
         return _give_up(f)
     if f.outcome is not None:
-        return _after_call(f)
-    if f.message.kind == "poll":
-        return _poll(f)
-    return _start(f)
+        step = _after_call(f)
+    elif f.message.kind == "poll":
+        step = _poll(f)
+    else:
+        step = _start(f)
+    return _rate_limited(f, step)
+
+
+def _waited(f: Facts, step: Write) -> Write:
+    """``step`` starts a step of a run held by the rate limit: say for what it waited, and how long."""
+    run = step.run.model_copy(deep=True)
+    _note_wait(run, f.now)
+    return dataclasses.replace(step, run=run)
+
+
+def _note_wait(run: Run, now: datetime) -> None:
+    """``run`` (a copy) stops waiting (for a permit, for the rate limit) at ``now``."""
+    since = run.progress.waiting_since or now
+    run.waited_seconds += max(0.0, (now - since).total_seconds())
+    run.wait_reason = "waited for " + (run.wait_reason or "").removeprefix("waiting for ").split(":")[0]
+    run.progress.waiting_on = run.progress.waiting_since = None
+
+
+def _rate_limited(f: Facts, step: Step) -> Step:
+    """Every agent start goes through here: a write that leases a step and then starts its agent
+    (``StartAgent`` last), of a run whose plan has a ``rate_limit``, first takes a start in the
+    key's window (``Gate``). When the window is full the step is not started: it waits ``pending``
+    until a start is allowed, and a retry message of the same attempt comes then."""
+    if not isinstance(step, Write) or not step.effects or not isinstance(step.effects[-1], StartAgent):
+        return step
+    run, started = step.run, step.effects[-1].step
+    plan = run.progress.plan
+    rate = plan.rate_limit if plan else None
+    if rate is None:
+        return step
+    attempt = result(run, started).attempt
+    if isinstance(f.starts, _Unknown):
+        return Load("starts", rate.key)
+    window, allowed_at = limits.take(
+        f.starts, rate.key, rate.limit, rate.period_seconds, f.now, f"{run.id}/{started}/{attempt}"
+    )
+    if window is not f.starts:
+        return Gate(window)
+    if allowed_at is None:
+        return _waited(f, step) if run.progress.waiting_since else step
+    held = run.model_copy(deep=True)
+    r, sp = result(held, started), progress_of(held, started)
+    r.status, r.attempt, r.next_attempt_at = StepStatus.pending, attempt - 1, allowed_at
+    if r.attempt == 0:
+        r.started_at = None
+    sp.lease_owner = sp.lease_until = sp.attempt_started_at = None
+    sp.sent_at = f.now  # decided: its start message is the one below
+    held.wait_reason = (
+        f"waiting for the rate limit of key {rate.key}: {rate.limit} starts in {rate.period_seconds}s"
+    )
+    held.progress.waiting_since = held.progress.waiting_since or f.now
+    _set_status(held)
+    again = Send(step_message(held, started, "retry", attempt), delay_until(allowed_at, f.now))
+    return dataclasses.replace(step, run=held, effects=(*step.effects[:-1], again), why="rate limited")
 
 
 def _start(f: Facts) -> Step:
@@ -485,13 +541,10 @@ def _claim(f: Facts, routine: Routine, run: Run, before: tuple[Effect, ...], *, 
     claimed.started_at = claimed.started_at or now
     stale_line: tuple[Effect, ...] = ()
     waited_on = claimed.progress.waiting_on
-    if waited_on is not None:  # it waited for a permit: say how long
-        since = claimed.progress.waiting_since or now
-        claimed.waited_seconds += max(0.0, (now - since).total_seconds())
-        claimed.wait_reason = f"waited for a permit of concurrency key {waited_on}"
-        claimed.progress.waiting_on = claimed.progress.waiting_since = None
-        if conc is None or conc.key != waited_on:  # the routine's key changed while it waited
-            stale_line = (ReleasePermit(waited_on, run.id),)
+    if waited_on is not None and (conc is None or conc.key != waited_on):  # its key changed meanwhile
+        stale_line = (ReleasePermit(waited_on, run.id),)
+    if claimed.progress.waiting_since is not None:  # it waited for a permit
+        _note_wait(claimed, now)
     claimed.progress.permit = conc.key if conc is not None else None
     ids = graph.step_ids(plan.actions)
     claimed.actions = [ActionResult(index=i, id=step) for i, step in enumerate(ids)]

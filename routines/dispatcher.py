@@ -174,7 +174,10 @@ class Dispatcher:
             return dataclasses.replace(facts, slot=self.store.get_slot(m.routine_id), holder=UNKNOWN)
         if what == "permits":
             assert key is not None
-            return dataclasses.replace(facts, permits=self.store.get_permits(key))
+            return dataclasses.replace(facts, permits=self.store.get_limit(limits.Permits, key))
+        if what == "starts":
+            assert key is not None
+            return dataclasses.replace(facts, starts=self.store.get_limit(limits.Starts, key))
         holder = decide.holder_id(facts)
         found: Run | None = None
         if holder:
@@ -185,12 +188,19 @@ class Dispatcher:
         return dataclasses.replace(facts, holder=found)
 
     def _gate(self, facts: Facts, step: decide.Gate) -> Facts:
-        """Write a concurrency key's permits; on a lost race, decide again on a fresh read."""
+        """Write a flow-control row; on a lost race, decide again on a fresh read."""
+        row = step.row
         try:
-            etag = self.store.put_permits(step.permits)
+            etag: str | None = self.store.put_limit(row)
         except (PreconditionFailed, Conflict):
-            return dataclasses.replace(facts, permits=UNKNOWN)
-        return dataclasses.replace(facts, permits=dataclasses.replace(step.permits, etag=etag))
+            etag = None
+        if isinstance(row, limits.Permits):
+            return dataclasses.replace(
+                facts, permits=UNKNOWN if etag is None else dataclasses.replace(row, etag=etag)
+            )
+        return dataclasses.replace(
+            facts, starts=UNKNOWN if etag is None else dataclasses.replace(row, etag=etag)
+        )
 
     def _write(self, facts: Facts, step: decide.Write) -> Facts | None:
         """Write the run, then perform the effects. Returns the facts to go on from, or None when

@@ -1,6 +1,7 @@
-"""Concurrency keys (README "Flow control"): a counting semaphore per key, shared by every routine that
-names it, as pure functions over one stored row (``Permits``).
+"""Concurrency keys and rate limits (README "Flow control"), as pure functions over one stored row per
+key, shared by every routine that names the key.
 
+Concurrency (``Permits``): a counting semaphore.
 A run takes a permit before it starts and gives it back when it ends (``admit`` / ``release``). A run
 that finds no permit free waits in the row's queue, oldest scheduled time first; a release hands the
 freed permit straight to the oldest waiter, whose run is then sent a message: no run polls for a
@@ -14,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import TYPE_CHECKING
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, TypeVar
 
 from routines.errors import Conflict, PreconditionFailed
 
@@ -35,17 +36,54 @@ class Waiter:
     routine_id: str
 
 
+class LimitRow(Protocol):
+    """What the store keeps of a flow-control row: ``PREFIX + key`` names it, ``body()`` is its JSON."""
+
+    PREFIX: ClassVar[str]
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def etag(self) -> str | None: ...
+
+    def body(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_body(cls, key: str, body: dict[str, Any], etag: str) -> Self: ...
+
+
+L = TypeVar("L", bound=LimitRow)
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat()
+
+
 @dataclass(frozen=True)
 class Permits:
     """One key's permits: the runs holding one (run id -> routine id) and the runs waiting, oldest
     first. ``limit`` is the one named by the routine that last took or waited for a permit.
     ``etag``: the stored row's (``None``: not stored yet)."""
 
+    PREFIX: ClassVar[str] = "permits:"
+
     key: str
     limit: int
     holders: dict[str, str] = field(default_factory=dict)
     waiters: tuple[Waiter, ...] = ()
     etag: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        waiters = [[_iso(w.scheduled_for), w.run_id, w.routine_id] for w in self.waiters]
+        return {"limit": self.limit, "holders": self.holders, "waiters": waiters}
+
+    @classmethod
+    def from_body(cls, key: str, body: dict[str, Any], etag: str) -> Self:
+        waiters = tuple(
+            Waiter(datetime.fromisoformat(t), run, routine) for t, run, routine in body["waiters"]
+        )
+        return cls(key, int(body["limit"]), dict(body["holders"]), waiters, etag)
 
     def holds(self, run_id: str) -> bool:
         return run_id in self.holders
@@ -95,6 +133,45 @@ def release(permits: Permits, run_id: str) -> tuple[Permits, list[Waiter]]:
     return dataclasses.replace(permits, holders=holders, waiters=tuple(waiters)), handed
 
 
+# --- rate limits ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Starts:
+    """One rate-limit key's agent starts within the last period, oldest first: (when, whose) where
+    whose is ``<run id>/<step>/<attempt>``, so a start asked for twice is counted once."""
+
+    PREFIX: ClassVar[str] = "starts:"
+
+    key: str
+    starts: tuple[tuple[datetime, str], ...] = ()
+    etag: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"starts": [[_iso(t), whose] for t, whose in self.starts]}
+
+    @classmethod
+    def from_body(cls, key: str, body: dict[str, Any], etag: str) -> Self:
+        return cls(key, tuple((datetime.fromisoformat(t), whose) for t, whose in body["starts"]), etag)
+
+
+def take(
+    window: Starts | None, key: str, limit: int, period_seconds: int, now: datetime, whose: str
+) -> tuple[Starts, datetime | None]:
+    """``whose`` wants to start an agent at ``now``: allowed when fewer than ``limit`` starts of the
+    key fall in the last ``period_seconds`` (a sliding window). Returns the row to write (the same
+    object when nothing changes) and ``None`` when allowed, else when the oldest start leaves the
+    window (the earliest instant a start is allowed)."""
+    current = window or Starts(key)
+    if any(w == whose for _, w in current.starts):
+        return current, None
+    since = now - timedelta(seconds=period_seconds)
+    recent = tuple((t, w) for t, w in current.starts if t > since)
+    if len(recent) >= limit:
+        return current, recent[-limit][0] + timedelta(seconds=period_seconds)
+    return dataclasses.replace(current, starts=(*recent, (now, whose))), None
+
+
 # --- applying a release ---------------------------------------------------------------------------
 
 
@@ -104,14 +181,14 @@ def give_back(store: Store, queue: DispatchQueue, key: str, run_id: str) -> None
     from routines.decide import release_message_of
 
     for _ in range(10):
-        permits = store.get_permits(key)
+        permits = store.get_limit(Permits, key)
         if permits is None:
             return
         released, handed = release(permits, run_id)
         if released is permits:
             return
         try:
-            store.put_permits(released)
+            store.put_limit(released)
         except (PreconditionFailed, Conflict):
             continue
         for waiter in handed:

@@ -402,6 +402,16 @@ class Concurrency(CompactModel):
     _integers = field_validator("limit", mode="before")(json_integers)
 
 
+class RateLimit(CompactModel):
+    """At most ``limit`` agent starts in any ``period_seconds`` across every routine naming ``key``."""
+
+    key: str = Field(pattern=FLOW_KEY_PATTERN)
+    limit: int = Field(ge=1, le=1000)
+    period_seconds: int = Field(ge=1, le=86400)
+
+    _integers = field_validator("limit", "period_seconds", mode="before")(json_integers)
+
+
 class OverlapPolicy(StrEnum):
     skip = "skip"
     buffer_one = "buffer_one"
@@ -427,6 +437,7 @@ class _RoutineFields(Model):
     timeout_seconds: int = Field(default=600, ge=1, le=86400)
     # Flow control (README "Flow control"): how many run at once, when the schedule fires and stops.
     concurrency: Concurrency | None = None
+    rate_limit: RateLimit | None = None
     jitter_seconds: int = Field(default=0, ge=0, le=3600)
     start_at: UtcDatetime | None = None
     end_at: UtcDatetime | None = None
@@ -639,6 +650,7 @@ class RunPlan(Model):
     overlap_policy: OverlapPolicy
     pause_after_failures: int = 0
     concurrency: Concurrency | None = None
+    rate_limit: RateLimit | None = None
 
     @classmethod
     def of(cls, routine: Routine) -> RunPlan:
@@ -651,6 +663,7 @@ class RunPlan(Model):
             overlap_policy=routine.overlap_policy,
             pause_after_failures=routine.pause_after_failures,
             concurrency=routine.concurrency,
+            rate_limit=routine.rate_limit,
         )
 
 

@@ -243,6 +243,7 @@ def test_create_returns_201_with_location_etag_and_defaults(client: Client) -> N
     ]
     flow = {
         "concurrency": None,
+        "rate_limit": None,
         "jitter_seconds": 0,
         "start_at": None,
         "end_at": None,

@@ -392,11 +392,16 @@ def test_a_full_line_is_refused() -> None:
     ],
 )
 def test_a_bad_concurrency_is_422_and_nothing_is_stored(concurrency: dict[str, Any]) -> None:
+    refused_alone("concurrency", concurrency)
+
+
+def refused_alone(field: str, value: Any) -> None:
+    """A routine with ``field: value`` is 422 at that field, and nothing is stored."""
     fleet = a_fleet()
-    body = {"name": "bad", "trigger": EVERY_10S, "actions": ECHO, "concurrency": concurrency}
+    body = {"name": "bad", "trigger": EVERY_10S, "actions": ECHO, field: value}
     response = fleet.call("create_routine", body)
     assert response.status == 422, response.body
-    assert all(e["loc"][0] == "concurrency" for e in response.body["errors"]), response.body
+    assert all(e["loc"][0] == field for e in response.body["errors"]), response.body
     assert fleet.store.list_routines(None, 10, None).items == []
 
 
@@ -450,12 +455,12 @@ def test_a_concurrency_key_holds_across_routines_and_every_fire_runs_oldest_firs
     assert order == sorted(order), "permits go to the oldest waiting fire first"
     waited = [r for r in started if r.waited_seconds > 0]
     assert waited and all(r.wait_reason == "waited for a permit of concurrency key openai" for r in waited)
-    assert fleet.store.get_permits("openai") == limits.Permits(
+    assert fleet.store.get_limit(limits.Permits, "openai") == limits.Permits(
         "openai",
         2,
         {},
         (),
-        fleet.store.get_permits("openai").etag,  # type: ignore[union-attr]
+        fleet.store.get_limit(limits.Permits, "openai").etag,  # type: ignore[union-attr]
     ), "nothing held or waiting once every run ended"
 
 
@@ -471,7 +476,7 @@ def test_a_waiting_run_shows_why_and_fails_after_its_max_age() -> None:
     second = fleet.store.get_run(ids[0], second.id)[0]
     assert second.status is RunStatus.failed
     assert "max_age_seconds (10s)" in (second.error_message or "")
-    permits = fleet.store.get_permits("openai")
+    permits = fleet.store.get_limit(limits.Permits, "openai")
     assert permits is not None and second.id not in {w.run_id for w in permits.waiters}, "left the line"
 
 
@@ -493,10 +498,10 @@ def test_a_permit_whose_worker_died_comes_back_through_the_repair_pass(
     fleet.run_for(45)
     assert fleet.call("disable_routine", id=ids[0]).status == 200
     assert died, "a run ended and its worker died before giving the permit back"
-    holder = fleet.store.get_permits("openai")
+    holder = fleet.store.get_limit(limits.Permits, "openai")
     assert holder is not None and died[0] in holder.holders, "held by a finished run for now"
     fleet.run_for(decide.FIRST_CHECK.total_seconds() + 60)
-    permits = fleet.store.get_permits("openai")
+    permits = fleet.store.get_limit(limits.Permits, "openai")
     assert permits is not None and died[0] not in permits.holders, "the repair pass gave it back"
     assert fleet.store.get_run(ids[0], died[0])[0].status is RunStatus.succeeded
 
@@ -511,3 +516,64 @@ def crash_tolerant_delivery(fleet: Fleet) -> int:
                 fleet.dispatcher.handle(message.encode())
         handled += len(due)
     return handled
+
+
+# --- rate limits ------------------------------------------------------------------------------------
+
+
+def test_take_allows_limit_starts_in_any_window_of_the_period() -> None:
+    window, wait = limits.take(None, "k", 2, 10, at(0), "a")
+    assert wait is None
+    window, wait = limits.take(window, "k", 2, 10, at(4), "b")
+    assert wait is None
+    same, again = limits.take(window, "k", 2, 10, at(5), "b")
+    assert same is window and again is None, "one start asked for twice counts once"
+    refused, wait = limits.take(window, "k", 2, 10, at(9), "c")
+    assert refused is window and wait == at(10), "the window slides: allowed once a leaves it"
+    window, wait = limits.take(window, "k", 2, 10, at(10), "c")
+    assert wait is None and [w for _, w in window.starts] == ["b", "c"], "a has left the window"
+    _, wait = limits.take(window, "k", 2, 10, at(13.9), "d")
+    assert wait == at(14)
+
+
+@pytest.mark.parametrize(
+    "rate_limit",
+    [
+        pytest.param({"key": "openai", "limit": 0, "period_seconds": 60}, id="limit-0"),
+        pytest.param({"key": "openai", "limit": 1001, "period_seconds": 60}, id="limit-over-1000"),
+        pytest.param({"key": "openai", "limit": 5, "period_seconds": 0}, id="period-0"),
+        pytest.param({"key": "openai", "limit": 5, "period_seconds": 86401}, id="period-over-a-day"),
+        pytest.param({"key": "a/b", "limit": 5, "period_seconds": 60}, id="key-with-a-slash"),
+        pytest.param({"key": "openai", "limit": 5}, id="period-missing"),
+    ],
+)
+def test_a_bad_rate_limit_is_422_and_nothing_is_stored(rate_limit: dict[str, Any]) -> None:
+    refused_alone("rate_limit", rate_limit)
+
+
+def test_a_rate_limit_holds_in_every_window_across_routines_and_steps() -> None:
+    fleet = a_fleet()
+    two_steps: list[dict[str, Any]] = [
+        {"id": "a", "type": "invocation", "agent_id": "echo", "input": "first"},
+        {
+            "id": "b",
+            "type": "invocation",
+            "agent_id": "echo",
+            "input": "then {{steps.a.output}}",
+            "after": ["a"],
+        },
+    ]
+    rate = {"key": "openai", "limit": 3, "period_seconds": 20}
+    fields: dict[str, Any] = {"trigger": EVERY_10S, "overlap_policy": "allow_all", "rate_limit": rate}
+    ids = [fleet.create(two_steps if i == 0 else ECHO, max_fires=4, **fields) for i in range(3)]
+    fleet.run_for(200)
+    runs = [run for rid in ids for run in fleet.runs(rid)]
+    assert len(runs) == 12 and all(r.status is RunStatus.succeeded for r in runs), [r.status for r in runs]
+    starts = sorted(fleet.agent.started_at("echo"))
+    assert len(starts) == 16, "4 runs of 2 steps, 8 of 1"
+    for first in starts:
+        in_window = [s for s in starts if first <= s < first + timedelta(seconds=20)]
+        assert len(in_window) <= 3, (first, in_window)
+    waited = [r for r in runs if r.waited_seconds > 0]
+    assert waited and all(r.wait_reason == "waited for the rate limit of key openai" for r in waited)
+    assert starts[-1] - starts[0] >= timedelta(seconds=20 * (16 // 3) - 20), "delayed, not dropped"

@@ -459,18 +459,20 @@ def test_the_failure_streak_round_trips(store: Store) -> None:
 
 
 def test_permits_are_created_once_and_replaced_on_their_etag(store: Store) -> None:
-    assert store.get_permits("openai.eu-1") is None
+    assert store.get_limit(limits.Permits, "openai.eu-1") is None
     first = limits.Permits("openai.eu-1", 2, {"run_a": "rt_a"}, (limits.Waiter(T0, "run_b", "rt_b"),))
-    etag = store.put_permits(first)
-    got = store.get_permits("openai.eu-1")
+    etag = store.put_limit(first)
+    got = store.get_limit(limits.Permits, "openai.eu-1")
     assert got == dataclasses.replace(first, etag=etag)
     with pytest.raises(Conflict):
-        store.put_permits(first)  # a second creator loses
-    moved = store.put_permits(dataclasses.replace(first, holders={}, etag=etag))
+        store.put_limit(first)  # a second creator loses
+    moved = store.put_limit(dataclasses.replace(first, holders={}, etag=etag))
     with pytest.raises(PreconditionFailed):
-        store.put_permits(dataclasses.replace(first, etag=etag))  # written on a stale etag
-    assert store.get_permits("openai.eu-1") == limits.Permits("openai.eu-1", 2, {}, first.waiters, moved)
-    assert store.get_permits("other") is None
+        store.put_limit(dataclasses.replace(first, etag=etag))  # written on a stale etag
+    assert store.get_limit(limits.Permits, "openai.eu-1") == limits.Permits(
+        "openai.eu-1", 2, {}, first.waiters, moved
+    )
+    assert store.get_limit(limits.Permits, "other") is None
     assert list(store.runs_scheduled_before(T0 + timedelta(days=9999))) == [], "not a run"
 
 

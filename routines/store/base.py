@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from routines.errors import RoutinesError
-from routines.limits import Permits
+from routines.limits import L, LimitRow
 from routines.models import Routine, Run, RunStatus
 
 
@@ -189,13 +189,14 @@ class Store(Protocol):
 
     def get_slot(self, routine_id: str) -> Slot | None: ...
 
-    # --- concurrency keys ---------------------------------------------------------------------
-    def get_permits(self, key: str) -> Permits | None:
-        """The permits row of concurrency key ``key`` (``etag`` set), or None before its first use."""
+    # --- flow control (routines.limits) -------------------------------------------------------
+    def get_limit(self, kind: type[L], key: str) -> L | None:
+        """The ``kind`` row (``Permits``, ``Starts``) of key ``key`` (``etag`` set), or None before
+        its first use."""
         ...
 
-    def put_permits(self, permits: Permits) -> str:
-        """Insert (``permits.etag`` None) or replace on its etag; returns the new etag. Raises
+    def put_limit(self, row: LimitRow) -> str:
+        """Insert (``row.etag`` None) or replace on its etag; returns the new etag. Raises
         ``Conflict`` (inserted meanwhile) or ``PreconditionFailed`` (changed meanwhile)."""
         ...
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from routines.errors import ValidationError
-from routines.limits import Permits, Waiter
+from routines.limits import L, LimitRow
 from routines.models import Routine, Run
 from routines.store.base import DebounceWrite, Delivery, DueEntry, Page, Watch
 
@@ -368,28 +368,17 @@ def lease_row(name: str, owner: str, until: datetime) -> dict[str, Any]:
     return {"PartitionKey": ROUTINE_PK, "RowKey": lease_rk(name), "Owner": owner, "Until": iso(until)}
 
 
-# --- concurrency keys ---------------------------------------------------------------------------
+# --- flow-control rows (concurrency keys, rate limits) -----------------------------------------
 LIMITS_PK = "limits"  # in the runs table: no routine id looks like this
-PERMITS_PREFIX = "permits:"
 
 
-def permits_row(permits: Permits) -> dict[str, Any]:
-    body = {
-        "limit": permits.limit,
-        "holders": permits.holders,
-        "waiters": [[iso(w.scheduled_for), w.run_id, w.routine_id] for w in permits.waiters],
-    }
+def limit_row(row: LimitRow) -> dict[str, Any]:
     return {
         "PartitionKey": LIMITS_PK,
-        "RowKey": PERMITS_PREFIX + permits.key,
-        **_chunks(json.dumps(body, separators=(",", ":"))),
+        "RowKey": row.PREFIX + row.key,
+        **_chunks(json.dumps(row.body(), separators=(",", ":"))),
     }
 
 
-def permits_from_row(row: dict[str, Any], etag: str) -> Permits:
-    body = json.loads(_join(row))
-    waiters = tuple(
-        Waiter(datetime.fromisoformat(t), run_id, routine_id) for t, run_id, routine_id in body["waiters"]
-    )
-    key = str(row["RowKey"])[len(PERMITS_PREFIX) :]
-    return Permits(key, int(body["limit"]), dict(body["holders"]), waiters, etag)
+def limit_from_row(kind: type[L], row: dict[str, Any], etag: str) -> L:
+    return kind.from_body(str(row["RowKey"])[len(kind.PREFIX) :], json.loads(_join(row)), etag)

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from routines.errors import Conflict, NotFound, PreconditionFailed
-from routines.limits import Permits
+from routines.limits import L, LimitRow
 from routines.models import Routine, Run
 from routines.store import codec
 from routines.store.base import DebounceWrite, Delivery, Slot, SlotTaken, SlotWrite, Watch
@@ -112,19 +112,20 @@ class PlanStore:
             raise NotFound(f"run {run_id!r} of routine {routine_id!r} not found")
         return codec.run_from_row(found[0]), found[1]
 
-    def get_permits(self, key: str) -> Permits | None:
-        found = self._read("runs", codec.LIMITS_PK, codec.PERMITS_PREFIX + key, f"concurrency key {key}")
-        return codec.permits_from_row(*found) if found else None
+    def get_limit(self, kind: type[L], key: str) -> L | None:
+        found = self._read("runs", codec.LIMITS_PK, kind.PREFIX + key, f"{kind.__name__} of key {key}")
+        return codec.limit_from_row(kind, *found) if found else None
 
-    def put_permits(self, permits: Permits) -> str:
-        row = codec.permits_row(permits)
-        op: codec.Op = ("insert", row, None) if permits.etag is None else ("replace", row, permits.etag)
+    def put_limit(self, row: LimitRow) -> str:
+        stored = codec.limit_row(row)
+        op: codec.Op = ("insert", stored, None) if row.etag is None else ("replace", stored, row.etag)
+        what = f"{type(row).__name__} of key {row.key}"
         try:
-            return self._write("runs", [op], f"concurrency key {permits.key}")[0]
+            return self._write("runs", [op], what)[0]
         except _LOST as exc:
-            if permits.etag is None:
-                raise Conflict(f"concurrency key {permits.key} was stored meanwhile") from exc
-            raise PreconditionFailed(f"concurrency key {permits.key} changed") from exc
+            if row.etag is None:
+                raise Conflict(f"{what} was stored meanwhile") from exc
+            raise PreconditionFailed(f"{what} changed") from exc
 
     def get_slot(self, routine_id: str) -> Slot | None:
         found = self._read("runs", routine_id, codec.SLOT_RK, f"slot of {routine_id}")
