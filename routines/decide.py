@@ -1032,7 +1032,9 @@ def _finish(
         if not r.status.terminal:
             r.status, r.ended_at, r.next_attempt_at = StepStatus.cancelled, f.now, None
     p = run.progress
-    key = p.permit or p.waiting_on
+    # The key it holds or waits for; else its routine's: a permit may have been taken (or a place in
+    # line) by a delivery that died before it recorded that on the run. Giving back is idempotent.
+    key = p.permit or p.waiting_on or _key_of(f, run)
     final.progress = RunProgress(routine_version=p.routine_version, permit=key)
     released = (ReleasePermit(key, run.id),) if key else ()
     effects: list[Effect] = [
@@ -1070,6 +1072,12 @@ def _counted(f: Facts, run: Run, status: RunStatus) -> tuple[Effect, ...]:
     return (CountOutcome(run.routine_id, run.id, status, f.now),)
 
 
+def _key_of(f: Facts, run: Run) -> str | None:
+    plan = run.progress.plan
+    conc = plan.concurrency if plan else (f.routine.concurrency if isinstance(f.routine, Routine) else None)
+    return conc.key if conc else None
+
+
 def _give_up(f: Facts) -> Step:
     """The message failed on every delivery: its run ends ``failed`` with the reason (a fire that
     never got a run gets one), so nothing is left non-terminal."""
@@ -1080,6 +1088,8 @@ def _give_up(f: Facts) -> Step:
     reason = f"its dispatch message failed on every delivery: {f.give_up}"
     if run is not None and run.status.terminal:
         return Done((_unwatch(m),), "already finished")
+    if isinstance(f.routine, _Unknown):
+        return Load("routine")  # its concurrency key: a permit it may hold goes back
     if run is None:
         if is_manual_run(m.run_id) or m.kind != "fire":
             return Done((_unwatch(m),), "no such run")

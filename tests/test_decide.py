@@ -30,6 +30,7 @@ from routines.messages import DispatchMessage
 from routines.models import (
     ActionResult,
     ApprovalStep,
+    Concurrency,
     InvocationAction,
     OverlapPolicy,
     RetryPolicy,
@@ -578,7 +579,8 @@ def test_a_stale_poll_does_nothing() -> None:
 
 
 def test_a_fire_that_never_got_a_run_is_recorded_failed_when_its_message_gives_up() -> None:
-    step = decide.next_step(facts(run=None, give_up="RuntimeError: boom"))
+    assert decide.next_step(facts(run=None, give_up="boom")) == Load("routine"), "its concurrency key"
+    step = decide.next_step(facts(run=None, routine=routine(), give_up="RuntimeError: boom"))
     assert isinstance(step, Write) and step.etag is None
     assert step.run.status is RunStatus.failed
     assert step.run.error_message == "its dispatch message failed on every delivery: RuntimeError: boom"
@@ -586,9 +588,19 @@ def test_a_fire_that_never_got_a_run_is_recorded_failed_when_its_message_gives_u
 
 def test_a_running_run_fails_when_its_message_gives_up() -> None:
     r = run(holds_slot=True, slot_etag="s1")
-    step = decide.next_step(facts(run=r, etag="e", give_up="x"))
+    step = decide.next_step(facts(run=r, etag="e", routine=None, give_up="x"))
     assert isinstance(step, Write) and step.run.status is RunStatus.failed
     assert step.slot == SlotWrite(holder=None, etag="s1")
+
+
+def test_a_give_up_gives_back_a_permit_the_run_never_recorded() -> None:
+    """A delivery took a permit (or a place in line) and died before writing the run; the message
+    then failed on every delivery: the permit must not stay with a run that is over."""
+    keyed = routine(concurrency=Concurrency(key="openai", limit=2))
+    step = decide.next_step(facts(run=None, routine=keyed, give_up="boom"))
+    assert isinstance(step, Write) and step.run.status is RunStatus.failed
+    assert decide.ReleasePermit("openai", RUN_ID) in step.effects
+    assert step.run.progress.permit == "openai", "kept, so the repair pass can give it back too"
 
 
 # --- the repair pass ----------------------------------------------------------------------------
