@@ -455,7 +455,12 @@ def _step_message(f: Facts, routine: Routine, run: Run, before: tuple[Effect, ..
         return Done(before, "a message of an earlier attempt")
     if r.status is StepStatus.running and r.attempt == m.attempt:
         if sp.poll is not None:
-            if m.kind != "poll":  # the start's own message again: its first poll may be lost
+            # The fire again: the first poll may have been lost right after the start. Another message
+            # (a permit's look-again, a release again) resends one only when the chain went quiet, so a
+            # live chain is not doubled.
+            alive = sp.polled_at or sp.attempt_started_at or now
+            quiet = now - alive > timedelta(seconds=MAX_POLL_SECONDS) + HEARTBEAT
+            if m.kind == "fire" or (m.kind != "poll" and quiet):
                 return Done(
                     (*before, Send(step_message(run, step, "poll"), MIN_POLL_SECONDS)),
                     "started; its polls drive it",
@@ -497,7 +502,7 @@ def _claim(f: Facts, routine: Routine, run: Run, before: tuple[Effect, ...], *, 
     plan = run.progress.plan or RunPlan.of(routine)
     slot_write: SlotWrite | None = None
     if run.status is RunStatus.queued and plan.overlap_policy is not OverlapPolicy.allow_all:
-        if not f.contended and not run.progress.holds_slot:
+        if not f.contended and not run.progress.holds_slot and isinstance(f.slot, _Unknown):
             slot_write = SlotWrite(holder=run.id)  # optimistic: create the slot
         else:
             if isinstance(f.slot, _Unknown):
@@ -532,6 +537,10 @@ def _claim(f: Facts, routine: Routine, run: Run, before: tuple[Effect, ...], *, 
         if permits is not f.permits:
             return Gate(permits)
         if not admitted:
+            if slot_write is not None and isinstance(f.slot, _Unknown):
+                # The overlap slot was only assumed free: look before waiting, or a fire that the
+                # overlap policy skips (or buffers) would wait in the key's line instead.
+                return Load("slot")
             return _wait_for_permit(f, run, conc, permits, before, fresh=fresh)
     claimed = run.model_copy(deep=True)
     claimed.status = RunStatus.running
@@ -597,6 +606,9 @@ def _wait_for_permit(
         f"waiting for a permit of concurrency key {conc.key}: {len(permits.holders)} of {conc.limit} "
         f"taken, {place} in line"
     )
+    left = run.progress.waiting_on
+    if left is not None and left != conc.key:  # the routine's key changed: leave the old key's line
+        before = (*before, ReleasePermit(left, run.id))
     waiting.progress.waiting_on = conc.key
     waiting.progress.waiting_since = waiting.progress.waiting_since or now
     look_again = Send(release_message(waiting), delay_until(recheck, now))
@@ -759,8 +771,13 @@ def _end_step(run: Run, step: str, status: StepStatus, now: datetime, error: str
 
 
 def _handed_over(f: Facts, run: Run, effects: list[Effect]) -> Step:
-    """A message of a finished run came again. If it handed the slot to a buffered run, that run's
-    release may have been lost to a crash right after: send it again (a duplicate is harmless)."""
+    """A message of a finished run came again. What followed its final write may have been lost to a
+    crash or a storage blip: its permit is given back and its outcome counted again (both
+    idempotent; this also gives back a permit a late duplicate delivery took for it), and if it
+    handed the slot to a buffered run, that run's release is sent again (a duplicate is harmless)."""
+    if run.progress.permit:
+        effects.append(ReleasePermit(run.progress.permit, run.id))
+    effects.extend(_counted(f, run, run.status))
     effects.append(_unwatch(f.message))
     handed = run.progress.handed_to
     if handed is None:
@@ -836,7 +853,7 @@ def _overlap(
 
 def abandoned(run: Run, now: datetime, after: timedelta = timedelta(minutes=10)) -> bool:
     """A non-terminal run untouched long past every deadline it set no longer blocks others."""
-    marks = [run.next_attempt_at]
+    marks = [run.next_attempt_at, *(r.next_attempt_at for r in run.actions)]
     for sp in run.progress.steps.values():
         marks += [sp.lease_until, sp.poll_deadline, sp.polled_at, sp.sent_at, sp.decide_by]
     marks += [r.ended_at for r in run.actions]
@@ -1061,15 +1078,14 @@ def _finish(
 
 def _counted(f: Facts, run: Run, status: RunStatus) -> tuple[Effect, ...]:
     """The ``CountOutcome`` of a run ending ``status``, when its routine pauses after failures (as
-    the run's snapshot says, else the routine read). A success matters only after failures."""
+    the run's snapshot says, else the routine read). A success is counted too, whatever the routine
+    read said of the streak: another run's failure may have been counted since."""
     routine = f.routine if isinstance(f.routine, Routine) else None
     plan = run.progress.plan
     limit = plan.pause_after_failures if plan else (routine.pause_after_failures if routine else 0)
     if not limit or status not in (RunStatus.failed, RunStatus.succeeded):
         return ()
-    if status is RunStatus.succeeded and routine is not None and not routine.failures:
-        return ()
-    return (CountOutcome(run.routine_id, run.id, status, f.now),)
+    return (CountOutcome(run.routine_id, run.id, status, run.ended_at or f.now),)
 
 
 def _key_of(f: Facts, run: Run) -> str | None:

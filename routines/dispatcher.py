@@ -40,7 +40,8 @@ from routines.store import SlotTaken, Store
 
 log = logging.getLogger(__name__)
 
-MAX_STEPS = 32  # decisions per message; a message still undecided then comes back in a second
+# Decisions per message (a 20-step chain with flow control takes ~100); still undecided, it comes back
+MAX_STEPS = 256
 OUTCOME_WRITE_PAUSES = (0.2, 0.5, 1.0)  # after an agent call: a lost write would start it again
 MAX_DELIVERIES = 5  # host.json extensions.queues.maxDequeueCount
 REQUEUE_MIN, REQUEUE_MAX = 2.0, 60.0  # back-off of a message re-queued while storage is unavailable

@@ -18,8 +18,8 @@ import pydantic
 
 from routines import telemetry
 from routines.errors import Conflict, NotFound, PreconditionFailed
-from routines.models import ResponseAction, Routine, RoutineState, RunStatus, TimerTrigger
-from routines.schedule import next_fire_after
+from routines.models import ResponseAction, Routine, RoutineState, RunStatus, ScheduleTrigger, TimerTrigger
+from routines.schedule import next_fire_after, parse_cron
 
 if TYPE_CHECKING:
     from routines.store import Store
@@ -38,7 +38,9 @@ def _bumped(routine: Routine, now: datetime, *, schedule: bool, **changes: objec
 def disable(
     routine: Routine, now: datetime, reason: Literal["manual", "failures"] = "manual"
 ) -> Routine | None:
-    if routine.state is not RoutineState.enabled:
+    """Stop the routine; its fires queued ahead will be dropped as stale (and leave ``fire_count``).
+    A completed routine may still have its last fires queued: disabling it drops them too."""
+    if routine.state is RoutineState.disabled:
         return None
     return _bumped(
         routine,
@@ -48,7 +50,23 @@ def disable(
         next_fire_at=None,
         due_at=None,
         disabled_reason=reason,
+        fire_count=routine.fire_count - queued_ahead(routine, now),
     )
+
+
+def queued_ahead(routine: Routine, now: datetime) -> int:
+    """How many of the fires counted in ``fire_count`` are queued but not yet due at ``now`` (planned
+    up to ``planned_until``): a change of schedule (a reschedule, a disable) drops them as stale, so
+    they do not count."""
+    last, trigger = routine.planned_until, routine.trigger
+    if routine.state is RoutineState.disabled or last is None or last <= now:
+        return 0
+    if isinstance(trigger, TimerTrigger):
+        return 1
+    if not isinstance(trigger, ScheduleTrigger):
+        return 0
+    cron = parse_cron(trigger.cron_expression, trigger.time_zone)
+    return min(cron.count_fires(now, last, cap=1000), routine.fire_count)
 
 
 def enable(routine: Routine, now: datetime) -> Routine | None:
@@ -80,12 +98,15 @@ def enable(routine: Routine, now: datetime) -> Routine | None:
     )
 
 
-def reschedule(routine: Routine, now: datetime) -> Routine:
+def reschedule(routine: Routine, now: datetime, previous: Routine) -> Routine:
     """After an edit of the schedule (its trigger or its flow-control bounds): a new schedule version;
     a completed routine is enabled again (planning it completes it again if its bounds leave no fire),
-    a disabled routine stays disabled."""
+    a disabled routine stays disabled. The fires ``previous`` had queued ahead are dropped as stale,
+    so they leave ``fire_count``."""
     state = RoutineState.disabled if routine.state is RoutineState.disabled else RoutineState.enabled
-    return routine.model_copy(update={"schedule_version": routine.version, "state": state})
+    count = routine.fire_count - queued_ahead(previous, now)
+    update = {"schedule_version": routine.version, "state": state, "fire_count": count}
+    return routine.model_copy(update=update)
 
 
 def complete_timer(routine: Routine, fired: datetime, now: datetime) -> Routine | None:

@@ -13,18 +13,15 @@ the repair pass releases the permit of a finished run whose worker died in betwe
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, TypeVar
 
-from routines.errors import Conflict, PreconditionFailed
+from routines.errors import Conflict, PreconditionFailed, StorageUnavailable
 
 if TYPE_CHECKING:
     from routines.messages import DispatchQueue
     from routines.store import Store
-
-log = logging.getLogger(__name__)
 
 MAX_WAITERS = 1000  # runs queued behind one key; a fire beyond them fails with the reason
 
@@ -194,6 +191,5 @@ def give_back(store: Store, queue: DispatchQueue, key: str, run_id: str) -> None
         for waiter in handed:
             queue.send(release_message_of(waiter.routine_id, waiter.run_id, waiter.scheduled_for))
         return
-    log.warning(
-        "concurrency key %s kept changing; run %s's permit is released on its next check", key, run_id
-    )
+    # The message fails and comes back; its run is finished by then, and gives the permit back again.
+    raise StorageUnavailable(f"concurrency key {key} kept changing; run {run_id}'s permit goes back later")

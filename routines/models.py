@@ -532,6 +532,8 @@ class Routine(_RoutineFields):
     # next_fire_at, except for a timer whose fire is already enqueued but not yet run.
     due_at: UtcDatetime | None = Field(default=None, exclude=True)
     fire_count: int = Field(default=0, ge=0)  # fires planned by the schedule (max_fires counts these)
+    # Internal: the last fire planned (queued) so far; the ones after now are dropped by a reschedule.
+    planned_until: UtcDatetime | None = Field(default=None, exclude=True)
     disabled_reason: Literal["manual", "failures"] | None = None
     # Internal (pause_after_failures): the failed runs since the streak last restarted (a success, an
     # enable, at ``failures_since``), by id, so counting a run twice changes nothing.

@@ -363,7 +363,8 @@ def _schedule_entries(
             for fire in plan.fires
         ]
         watches = tuple(watch_for(message, trigger.type) for message, _ in messages)
-        advance = Advance(entry, plan.next_fire_at, plan.completed, watches, plan.counted)
+        last = plan.fires[-1] if plan.fires else None
+        advance = Advance(entry, plan.next_fire_at, plan.completed, watches, plan.counted, last)
         planned.append((advance, messages))
     return planned
 
@@ -407,6 +408,7 @@ def plan_immediately(routine: Routine, now: datetime) -> Immediate:
         "next_fire_at": shown,
         "due_at": plan.next_fire_at,
         "fire_count": routine.fire_count + plan.counted,
+        "planned_until": plan.fires[-1] if plan.fires else routine.planned_until,
     }
     if plan.completed and not isinstance(routine.trigger, TimerTrigger):
         update["state"] = RoutineState.completed  # its last fires are queued (or it has none left)

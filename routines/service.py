@@ -139,7 +139,7 @@ class Service:
                 update={**dict(fields), "version": current.version + 1, "updated_at": now}
             )
             if rescheduled:
-                updated = lifecycle.reschedule(updated, now)
+                updated = lifecycle.reschedule(updated, now, current)
                 if updated.state is RoutineState.enabled:
                     return scheduler.plan_immediately(updated, now)
             return updated

@@ -247,8 +247,24 @@ def test_a_lapsed_lease_is_taken_over_with_the_same_attempt() -> None:
     assert step.effects == (StartAgent("step1"),)
 
 
-def test_a_start_message_of_a_polled_run_resends_its_first_poll() -> None:
-    step = existing(message(), run(poll={"h": 1}))
+def test_a_start_message_of_a_polled_run_resends_its_poll_when_the_chain_went_quiet() -> None:
+    quiet = run(poll={"h": 1}, attempt_started_at=FIRE, polled_at=FIRE)
+    step = existing(message("retry"), quiet, now=after(61))
+    assert step == Done(
+        (Send(decide.step_message(run(), "step1", "poll"), decide.MIN_POLL_SECONDS),),
+        "started; its polls drive it",
+    )
+
+
+def test_an_extra_message_of_a_live_poll_chain_does_not_start_a_second_chain() -> None:
+    """A leftover message (a permit's look-again, a duplicate) of a step whose polls are alive."""
+    live = run(poll={"h": 1}, attempt_started_at=FIRE, polled_at=after(40))
+    assert existing(message("retry"), live, now=after(61)) == Done((), "started; its polls drive it")
+
+
+def test_the_fire_again_resends_the_first_poll_at_once() -> None:
+    fresh = run(poll={"h": 1}, attempt_started_at=FIRE)
+    step = existing(message(), fresh, now=after(2))
     assert step == Done(
         (Send(decide.step_message(run(), "step1", "poll"), decide.MIN_POLL_SECONDS),),
         "started; its polls drive it",

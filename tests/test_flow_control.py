@@ -16,6 +16,7 @@ import pytest
 
 from routines import decide, limits, schedule, scheduler
 from routines.agents.base import AgentError
+from routines.errors import StorageUnavailable
 from routines.models import RoutineState, Run, RunStatus, ScheduleTrigger
 from routines.repair import repair
 from routines.scheduler import Bounds, plan_fires
@@ -577,3 +578,144 @@ def test_a_rate_limit_holds_in_every_window_across_routines_and_steps() -> None:
     waited = [r for r in runs if r.waited_seconds > 0]
     assert waited and all(r.wait_reason == "waited for the rate limit of key openai" for r in waited)
     assert starts[-1] - starts[0] >= timedelta(seconds=20 * (16 // 3) - 20), "delayed, not dropped"
+
+
+# --- regressions found in review ------------------------------------------------------------------
+
+
+def slow_routine(fleet: Fleet, **fields: Any) -> str:
+    fleet.agent.pending_for = 25
+    fleet.agent.replies["slow"] = ["pending"]
+    return fleet.create(
+        [{"type": "invocation", "agent_id": "slow", "input": "go"}], trigger=EVERY_10S, **fields
+    )
+
+
+def test_a_duplicate_delivery_that_admits_a_finished_run_gives_the_permit_back() -> None:
+    fleet = a_fleet()
+    rid = fleet.create(
+        ECHO, trigger={"type": "timer", "at": at(10).isoformat()}, concurrency={"key": "k", "limit": 1}
+    )
+    [(_, fire)] = fleet.queue.take_all()
+    fleet.clock.now = at(10)
+    other, real = fleet.worker("w2"), fleet.store.get_limit
+    raced: list[bool] = []
+
+    def the_other_delivery_finishes_first(kind: Any, key: str) -> Any:
+        if not raced:
+            raced.append(True)
+            other.handle(fire.encode())  # runs the whole run and gives its permit back
+        return real(kind, key)
+
+    fleet.store.get_limit = the_other_delivery_finishes_first  # type: ignore[method-assign]
+    fleet.dispatcher.handle(fire.encode())  # admits the run again, loses the insert, finds it done
+    fleet.store.get_limit = real  # type: ignore[method-assign]
+    assert [r.status for r in fleet.runs(rid)] == [RunStatus.succeeded]
+    permits = real(limits.Permits, "k")
+    assert permits is not None and permits.holders == {} and permits.waiters == ()
+
+
+def test_a_storage_blip_while_giving_a_permit_back_is_made_good_by_the_redelivery() -> None:
+    fleet = a_fleet()
+    rid = fleet.create(
+        ECHO, trigger={"type": "timer", "at": at(10).isoformat()}, concurrency={"key": "k", "limit": 1},
+        pause_after_failures=1,
+    )  # fmt: skip
+    fleet.agent.replies["echo"] = [FAILS]
+    real_put = fleet.store.put_limit
+
+    def blip_on_the_release(row: Any) -> str:
+        if isinstance(row, limits.Permits) and not row.holders:
+            fleet.store.put_limit = real_put  # type: ignore[method-assign]
+            raise StorageUnavailable("blip")
+        return real_put(row)
+
+    fleet.store.put_limit = blip_on_the_release  # type: ignore[method-assign]
+
+    def deliver_as_the_host_does() -> int:  # a delivery that fails is re-queued, not raised
+        due = fleet.queue.due(fleet.clock())
+        for message in due:
+            fleet.dispatcher.deliver(message.encode(), 1)
+        return len(due)
+
+    fleet.deliver_due = deliver_as_the_host_does  # type: ignore[method-assign]
+    fleet.run_for(120, step=5)
+    [run] = fleet.runs(rid)
+    assert run.status is RunStatus.failed
+    permits = fleet.store.get_limit(limits.Permits, "k")
+    assert permits is not None and (permits.holders, permits.waiters) == ({}, ())
+    assert fleet.store.get_routine(rid)[0].failures == [run.id], "and its failure is counted"
+
+
+def test_a_run_rekeyed_while_it_waits_leaves_the_old_keys_line() -> None:
+    fleet = a_fleet()
+    r1 = slow_routine(fleet, overlap_policy="allow_all", concurrency={"key": "k1", "limit": 1}, max_fires=2)
+    slow_routine(fleet, overlap_policy="allow_all", concurrency={"key": "k2", "limit": 1}, max_fires=3)
+    fleet.run_for(21)  # each key: its 0:10 run holds the permit, its 0:20 run waits
+    assert fleet.patch(r1, {"concurrency": {"key": "k2", "limit": 1}}).status == 200
+    fleet.run_for(400)
+    assert all(r.status is RunStatus.succeeded for r in fleet.runs(r1))
+    for key in ("k1", "k2"):
+        permits = fleet.store.get_limit(limits.Permits, key)
+        assert permits is not None and (permits.holders, permits.waiters) == ({}, ()), key
+
+
+@pytest.mark.parametrize(("policy", "succeeded"), [("skip", 2), ("buffer_one", 3)])
+def test_the_overlap_policy_still_applies_to_fires_behind_a_full_key(policy: str, succeeded: int) -> None:
+    fleet = a_fleet()
+    rid = slow_routine(fleet, overlap_policy=policy, max_fires=6, concurrency={"key": "k", "limit": 1})
+    fleet.run_for(400)
+    statuses = [r.status for r in fleet.runs(rid)]
+    assert statuses.count(RunStatus.succeeded) == succeeded, statuses
+    assert statuses.count(RunStatus.skipped) == 6 - succeeded
+
+
+def test_fires_dropped_by_a_reschedule_or_a_disable_do_not_count() -> None:
+    fleet = a_fleet()
+    patched = fleet.create(ECHO, trigger=EVERY_10S, max_fires=5)
+    paused = fleet.create(ECHO, trigger=EVERY_10S, max_fires=20)
+    assert fleet.routine(patched)["fire_count"] == 5, "all five planned at once"
+    fleet.clock.now = at(5)
+    assert fleet.patch(patched, {"max_fires": 10}).status == 200  # before any of the five ran
+    fleet.call("disable_routine", id=paused)
+    fleet.call("enable_routine", id=paused)
+    fleet.run_for(300)
+    assert len(fleet.runs(patched)) == 10 and fleet.routine(patched)["fire_count"] == 10
+    assert len([r for r in fleet.runs(paused) if r.status is RunStatus.succeeded]) == 20
+
+
+def test_a_success_restarts_the_streak_even_if_a_failure_was_counted_during_it() -> None:
+    fleet = a_fleet()
+    rid = fleet.create(ECHO, overlap_policy="allow_all", pause_after_failures=2)
+    fleet.agent.replies["echo"] = [FAILS, "ok", FAILS]
+    a, b = fleet.dispatch(rid), fleet.dispatch(rid)
+    messages = {m.run_id: m for _, m in fleet.queue.take_all()}
+    other = fleet.worker("w2")
+
+    def a_fails_during_bs_call(call: Any) -> None:
+        if call.run_id == b:
+            other.handle(messages[a].encode())
+        else:
+            fleet.agent.during_start = a_fails_during_bs_call
+
+    fleet.agent.during_start = a_fails_during_bs_call
+    fleet.dispatcher.handle(messages[b].encode())
+    assert fleet.store.get_routine(rid)[0].failures == []
+    fleet.clock.now += timedelta(seconds=1)
+    fleet.dispatch(rid)
+    fleet.run_for(5)
+    assert fleet.routine(rid)["state"] == "enabled", "one failure since the success"
+
+
+def test_a_completed_routine_can_be_disabled_and_its_queued_fires_do_not_run() -> None:
+    fleet = a_fleet()
+    rid = fleet.create(ECHO, trigger=EVERY_10S, max_fires=3)
+    assert fleet.routine(rid)["state"] == "completed", "its three fires are queued"
+    response = fleet.call("disable_routine", id=rid)
+    assert (response.status, response.body["state"], response.body["disabled_reason"]) == (
+        200,
+        "disabled",
+        "manual",
+    )
+    fleet.run_for(60)
+    assert fleet.runs(rid) == []

@@ -77,6 +77,7 @@ class Advance:
     completed: bool = False
     watches: tuple[Watch, ...] = ()
     fired: int = 0
+    planned_until: datetime | None = None  # the last fire enqueued with it
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def _join(row: dict[str, Any]) -> str:
 
 
 # What the tick changes without reading the routine (``advance_ops`` merges them): columns of their own.
-_ROUTINE_COLUMNS = {"state", "next_fire_at", "fire_count", "next_dispatch_at"}
+_ROUTINE_COLUMNS = {"state", "next_fire_at", "fire_count", "next_dispatch_at", "planned_until"}
 
 
 def routine_row(routine: Routine) -> dict[str, Any]:
@@ -121,6 +121,7 @@ def routine_row(routine: Routine) -> dict[str, Any]:
         "NextFireAt": iso(routine.next_fire_at),
         "DueAt": iso(routine.due_at),
         "FireCount": routine.fire_count,
+        "PlannedUntil": iso(routine.planned_until),
         **_chunks(json.dumps(body, separators=(",", ":"), ensure_ascii=False)),
     }
 
@@ -131,6 +132,7 @@ def routine_from_row(row: dict[str, Any]) -> Routine:
     body["next_fire_at"] = row.get("NextFireAt") or None
     body["due_at"] = row.get("DueAt") or None
     body["fire_count"] = int(row.get("FireCount") or 0)
+    body["planned_until"] = row.get("PlannedUntil") or None
     return Routine.model_validate(body)
 
 
@@ -296,6 +298,7 @@ def advance_ops(
     completed: bool,
     watches: Sequence[Watch] = (),
     fired: int = 0,
+    planned_until: datetime | None = None,
 ) -> list[Op]:
     """Delete the due row (conditional on its etag: the lock against a concurrent tick or edit),
     merge the routine's next fire (and its count of fires, ``fired`` more), insert the moved due row,
@@ -313,6 +316,8 @@ def advance_ops(
         patch["State"] = "completed"
     if fired:
         patch["FireCount"] = entry.fire_count + fired
+    if planned_until is not None:
+        patch["PlannedUntil"] = iso(planned_until)
     ops: list[Op] = [("delete", key, entry.etag), ("merge", patch, None)]
     if next_fire_at is not None:
         ops.append(("insert", moved_due_row(entry, next_fire_at, fired), None))

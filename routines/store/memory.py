@@ -92,7 +92,9 @@ class MemoryStore(PlanStore):
         results = []
         for a in advances:
             try:
-                ops = codec.advance_ops(a.entry, a.next_fire_at, a.completed, a.watches, a.fired)
+                ops = codec.advance_ops(
+                    a.entry, a.next_fire_at, a.completed, a.watches, a.fired, a.planned_until
+                )
                 self._transact(self._routines, ops)
                 results.append(True)
             except (Conflict, NotFound, PreconditionFailed):

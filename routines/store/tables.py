@@ -240,7 +240,8 @@ class TableStore(PlanStore):
         costs only itself."""
         results: list[bool] = []
         plans = [
-            codec.advance_ops(a.entry, a.next_fire_at, a.completed, a.watches, a.fired) for a in advances
+            codec.advance_ops(a.entry, a.next_fire_at, a.completed, a.watches, a.fired, a.planned_until)
+            for a in advances
         ]
         chunks: list[list[int]] = []
         size = 0

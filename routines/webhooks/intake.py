@@ -295,8 +295,8 @@ class Intake:
             run, etag = self.store.get_run(routine_id, run_id)
         except NotFound:
             return None, None
-        if run.status is RunStatus.queued and run.next_attempt_at is not None:
-            return run, etag
+        if run.status is RunStatus.queued and run.next_attempt_at is not None and not run.progress.waiting_on:
+            return run, etag  # (a run waiting for a concurrency permit has closed its window)
         return None, None
 
 
