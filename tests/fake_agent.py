@@ -20,7 +20,8 @@ empty the agent's default applies (``set_default``), else the server's (``defaul
 Without a script every agent echoes: ``200 {"id": "fake_run_<n>", "output": <input as text>,
 "thread_id": <the given one or a new one>}``. A pending run answers ``202`` with ``Location: /runs/<id>``,
 then ``202`` to ``GET /runs/<id>`` until its polls (or its ``done_after`` seconds) are used up, then its
-final reply; ``DELETE /runs/<id>`` cancels it (``204``, then ``410`` to GETs).
+final reply; ``DELETE /runs/<id>`` cancels it (``204``, then ``410`` to GETs). ``answered()`` lists each
+request with the status it got and the fake run it is about: when a run started and was seen done.
 
 With ``token=`` and/or ``signing_secret=``, every request must carry ``Authorization: Bearer <token>``
 and/or ``X-Routines-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<METHOD>.<path and
@@ -58,7 +59,7 @@ from types import FrameType, TracebackType
 from typing import IO, Any, Literal, NamedTuple, TypeAlias
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["Call", "Chaos", "FakeAgent", "Headers", "Reply"]
+__all__ = ["Answered", "Call", "Chaos", "FakeAgent", "Headers", "Reply"]
 
 _INVOCATION_PATH = re.compile(r"^.*/agents/([^/]+)/invocations$")
 _RUN_PATH = re.compile(r"^/runs/([^/]+)$")
@@ -108,6 +109,17 @@ class Call:
     @property
     def input(self) -> Any:
         return self.body.get("input") if isinstance(self.body, dict) else None
+
+
+@dataclass(frozen=True)
+class Answered:
+    """One request with the status the fake agent answered it (decided on arrival: a slow reply is
+    listed before it is sent) and the fake run it is about: the one a ``202`` start began, or the one a
+    poll or cancel named."""
+
+    call: Call
+    status: int
+    run: str | None
 
 
 @dataclass(frozen=True)
@@ -220,6 +232,7 @@ class _Answer(NamedTuple):
     body: bytes
     delay: float = 0.0  # slept by the handler thread, outside the lock
     trickle: float = 0.0  # seconds between the body's bytes
+    run: str | None = None  # the fake run a 202 start began
 
 
 class FakeAgent:
@@ -243,6 +256,7 @@ class FakeAgent:
         self._log = log
         self._cond = threading.Condition()
         self._calls: list[Call] = []
+        self._answered: list[Answered] = []
         self._scripts: dict[str, deque[Scripted]] = {}
         self._defaults: dict[str, Scripted] = {}
         self._runs: dict[str, _Run] = {}
@@ -309,6 +323,7 @@ class FakeAgent:
         """Forget calls, scripts, agent defaults and runs."""
         with self._cond:
             self._calls.clear()
+            self._answered.clear()
             self._scripts.clear()
             self._defaults.clear()
             self._runs.clear()
@@ -324,6 +339,11 @@ class FakeAgent:
     def calls_for(self, agent: str | None = None, kind: str | None = None) -> list[Call]:
         with self._cond:
             return [c for c in self._calls if _matches(c, agent, kind)]
+
+    def answered(self, agent: str | None = None, kind: str | None = None) -> list[Answered]:
+        """The requests answered so far (see ``Answered``), in arrival order."""
+        with self._cond:
+            return [a for a in self._answered if _matches(a.call, agent, kind)]
 
     def starts(self, agent: str | None = None) -> list[Call]:
         """The invocations (POSTs) received, optionally of one agent."""
@@ -383,6 +403,7 @@ class FakeAgent:
             except Exception as exc:  # a scripted callable failed: say so rather than drop the connection
                 traceback.print_exc()
                 answer = _json(500, {"error": f"fake agent failed: {exc!r}"})
+            self._answered.append(Answered(call, answer.status, answer.run or run_id))
             return call, answer
 
     def _answer(self, call: Call, run: _Run | None) -> _Answer:
@@ -440,7 +461,7 @@ class FakeAgent:
         elif reply.location == "absolute":
             headers["Location"] = f"{self.url}/runs/{run_id}"
         answer = _json(202, {"id": run_id, "status": "running"}, reply.delay)
-        return answer._replace(headers={**answer.headers, **headers})
+        return answer._replace(headers={**answer.headers, **headers}, run=run_id)
 
     def _poll(self, run_id: str, run: _Run) -> _Answer:
         if run.cancelled:
