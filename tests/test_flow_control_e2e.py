@@ -377,11 +377,8 @@ def test_a_worker_killed_while_its_run_holds_the_permit_leaks_nothing(fleet: Fle
     pair.permits_given_back("k1")
 
 
-# Bug: routines/decide.py ``_handed_over`` (the message of a finished run came again) drops the run's
-# watch but does not give its permit back. A worker that died between the run's final write and
-# ``ReleasePermit`` leaves its message; when it comes back before the repair pass checks the watch,
-# nobody ever gives the permit back, and every later run of the key waits for ever.
-@pytest.mark.xfail(strict=True, reason="a redelivery of a finished run unwatches it, keeping its permit")
+# Found here first: a redelivery of a finished run used to drop its watch without giving its permit
+# back (``decide._handed_over`` now does both), so the permit stayed with a finished run for ever.
 def test_a_worker_dying_between_a_runs_end_and_its_give_back_leaks_nothing(fleet: Fleet) -> None:
     """Limit 1, two runs; the worker ending the first dies after the run's final write, before its
     permit is given back. The permit must still come back, and the second run start."""
