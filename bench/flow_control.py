@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import threading
 import time
@@ -285,6 +286,15 @@ def wake_part(
             gaps["to_handled"].append(started.started_at.timestamp() - ended.ended_at.timestamp())
             gaps["to_call"].append(nxt.t - started.started_at.timestamp())
     statuses = dict(Counter(RunStatus(run.status).value for run in runs.values()))
+    # When the last fire wrote itself into the line (it waited from then until its start), against
+    # the first run's end: positive when the line was still being formed at the first release.
+    joined = [
+        r.started_at.timestamp() - r.waited_seconds
+        for r in runs.values()
+        if r.started_at and r.waited_seconds
+    ]
+    first_run = runs.get(ordered[0].routine_id) if ordered else None
+    first_end = first_run.ended_at.timestamp() if first_run and first_run.ended_at else float("nan")
     return {
         "workers": workers,
         "round": round_ + 1,
@@ -306,6 +316,7 @@ def wake_part(
         ),
         "gaps": {k: common.lag_summary(v) for k, v in gaps.items()},
         "later": common.lag_summary(gaps["from_end"][1:]),  # without the first release
+        "seated": max(joined) - first_end if joined else float("nan"),
         "raw": gaps,
         "load": load(),
     }
@@ -348,8 +359,12 @@ def main() -> None:
     report(args, variants, wakes, fires)
 
 
+def num(x: float, digits: int = 2) -> str:
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"
+
+
 def trio(s: dict[str, float]) -> str:
-    return f"{s['p50']:.2f} / {s['p99']:.2f} / {s['max']:.2f}"
+    return f"{num(s['p50'])} / {num(s['p99'])} / {num(s['max'])}"
 
 
 def plural(workers: int) -> str:
@@ -444,12 +459,27 @@ and `AzureQueue`; then the same by kind of request, from the hook.
   fire's own run insert), a delayed retry message (send, receive share, delete), and on its arrival
   the routine, the run and the starts row read again, then the lease written; the final write reads
   the overlap slot, whose etag the fire's message knew but did not store. {retries} retry messages
-  for {waited} waiting runs ({retries / max(waited, 1):.2f} each): every run told to wait is given the
-  same instant, when the oldest start leaves the window (`limits.take` returns `recent[-limit][0] +
-  period`), so they all come back together, and those that find the window full again wait again
-  (each time for the next start to leave it).
+  for {waited} waiting runs: every run told to wait is given the same instant, when the oldest start
+  leaves the window (`limits.take` returns `recent[-limit][0] + period`), so they all come back
+  together, and one that finds the window still full waits again, for the next start to leave it
+  ({retries - waited} such waits again here).
 """
     return printed, doc
+
+
+def round_facts(w: dict[str, Any]) -> str:
+    seated = (
+        ""
+        if math.isnan(w["seated"])
+        else f"the last fire joined the line {w['seated']:.2f} s after the first run's end; "
+    )
+    statuses = ", ".join(f"{n} {status}" for status, n in w["statuses"].items())
+    return (
+        f"{plural(w['workers'])}, round {w['round']}: the first run started {w['first_lag']:.2f} s after its "
+        f"time, the last {w['window']:.1f} s after the first; {seated}runs at the end: {statuses}; agent "
+        f"calls overlapping another {w['overlaps']}, duplicate starts {w['duplicates']}, releases given up "
+        f'after lost races ("kept changing" in the worker logs) {w["warnings"]}; load after {w["load"]}.'
+    )
 
 
 def wake_lines(wakes: list[dict[str, Any]]) -> tuple[str, str]:
@@ -475,26 +505,19 @@ def wake_lines(wakes: list[dict[str, Any]]) -> tuple[str, str]:
             w["round"],
             f"{w['started']} of {w['count']}{' (**stalled**)' if w['stalled'] else ''}",
             w["gaps"]["from_end"]["n"],
-            f"{w['gaps']['from_end']['p50']:.2f}",
-            f"**{w['gaps']['from_end']['p99']:.2f}**",
-            f"{w['gaps']['from_end']['max']:.2f}",
-            f"{w['raw']['from_end'][0]:.2f}" if w["raw"]["from_end"] else "-",
-            f"{w['later']['p99']:.2f}",
+            num(w["gaps"]["from_end"]["p50"]),
+            f"**{num(w['gaps']['from_end']['p99'])}**",
+            num(w["gaps"]["from_end"]["max"]),
+            num(w["raw"]["from_end"][0]) if w["raw"]["from_end"] else "-",
+            num(w["later"]["p99"]),
             trio(w["gaps"]["from_answer"]),
             trio(w["gaps"]["to_handled"]),
-            f"{w['gaps']['to_call']['p50']:.2f} / {w['gaps']['to_call']['p99']:.2f}",
-            f"{w['busy']:.0%}",
+            f"{num(w['gaps']['to_call']['p50'])} / {num(w['gaps']['to_call']['p99'])}",
+            "-" if w["stalled"] else f"{w['busy']:.0%}",
         )
         for w in wakes
     ]
-    facts = "; ".join(
-        f"{plural(w['workers'])}, round {w['round']}: the first run started {w['first_lag']:.2f} s after "
-        f"its time, the last {w['window']:.1f} s after the first; runs at the end: "
-        f"{', '.join(f'{n} {status}' for status, n in w['statuses'].items())}; agent calls overlapping "
-        f"another {w['overlaps']}, duplicate starts {w['duplicates']}, releases given up after lost "
-        f'races ("kept changing" in the worker logs) {w["warnings"]}; load after {w["load"]}'
-        for w in wakes
-    )
+    facts = "\n".join(f"- {round_facts(w)}" for w in wakes)
     counts = sorted({w["workers"] for w in wakes})
     verdicts = [(n, all(wake_met(w) for w in wakes if w["workers"] == n)) for n in counts]
     table = common.table(headers, rows)
@@ -520,17 +543,17 @@ def wake_lines(wakes: list[dict[str, Any]]) -> tuple[str, str]:
     if stalls:
         where = ", ".join(f"{plural(w['workers'])}, round {w['round']}" for w in stalls)
         stall_text = f"""
-**Stalled: a permit lost for good** ({where}).
-After {", ".join(str(w["started"]) for w in stalls)} start(s) no run of the key started for
-{STALL_SECONDS:.0f} s, and the permits row still listed as its holder a run that had ended
-({"; ".join(", ".join(w["holders"]) for w in stalls)}), with
-{", ".join(str(w["warnings"]) for w in stalls)} "kept changing" warning(s) in the worker logs. The
-release (`limits.give_back`) tries the row's conditional write 10 times in a row; the first run ended
-while the other fires of its batch of 16 were writing themselves into the line of the same row, so
-all 10 lost their race, and `give_back` logged the warning and returned. The run's final effects then
-went on to `Unwatch`, so the repair pass, which gives back the permit of a finished run it finds
-through its watch, never sees it, and nothing else frees a permit whose holder has ended: each
-waiting run looks again every 5 minutes, finds 1 of 1 taken, and waits again. The key stays blocked.
+**Stalled: a permit lost for good** ({where}). After {", ".join(str(w["started"]) for w in stalls)}
+start(s), no run of the key started for {STALL_SECONDS:.0f} s; the permits row still named as its
+holder a run that had ended ({"; ".join(", ".join(w["holders"]) for w in stalls)}), and the worker
+logs held {", ".join(str(w["warnings"]) for w in stalls)} "kept changing" warning(s). The release
+(`limits.give_back`) tries the row's conditional write 10 times in a row; the first run ended while
+the other fires (up to 16 at once per worker) were writing themselves into the line of the same row,
+all 10 writes lost their race, and `give_back` logged the warning and returned. The run's final
+effects then went on to `Unwatch`, so the repair pass, which gives back the permit of a finished run
+it finds through its watch, never sees it, and nothing else frees a permit whose holder has ended:
+each waiting run looks again every 5 minutes, finds 1 of 1 taken, and waits again. The key stays
+blocked.
 """
     verdict_lines = "\n".join(
         f"- A run behind a freed permit starts within {WAKE_TARGET:.0f} s of the release (p99), "
@@ -554,17 +577,18 @@ call). A round stops waiting when no run has started for {STALL_SECONDS:.0f} s.
 
 {table}
 
-{facts}.
+{facts}
 
 {verdict_lines}
 {stall_text}
 **The first release** ({", ".join(f"{x:.2f}" for x in firsts)} s; after it, p99
-{", ".join(f"{x:.2f}" for x in later)} s) comes while the line is still being formed. All
-{wakes[0]["count"]} fires are handled at once (16 per worker), and each writes itself into the line
-with a read and a conditional write of the one permits row, read again on every lost race; the
-release has to win that row too, and a worker with more than 8 messages in flight does not fetch the
-next batch (`newBatchThreshold`), so the wake-up message can wait until the burst is seated. With
-under a hundred waits in a round, the p99 is its longest wait.
+{", ".join(f"{x:.2f}" for x in later)} s) comes while the line is still being formed (the last fire
+joined it {", ".join(num(w["seated"]) for w in wakes if not w["stalled"])} s after the first run's
+end). The {wakes[0]["count"]} fires are handled up to 16 at once per worker, and each writes itself
+into the line with a read and a conditional write of the one permits row, read again on every lost
+race; the release has to win that row too, and a worker with more than 8 messages in flight does not
+fetch the next batch (`newBatchThreshold`), so the wake-up message waits behind the burst. With under
+a hundred waits in a round, the p99 is its longest wait.
 
 **After it**, the permit passes at once: the ending run's `ReleasePermit`, after its final write,
 runs `limits.give_back`: one read and one conditional write of the permits row hand the permit to the
@@ -602,8 +626,10 @@ def report(args: Any, variants: list[dict[str, Any]], wakes: list[dict[str, Any]
 ## 10. Flow control: requests per fire, and the wait behind a freed permit (`bench/flow_control.py`{quick})
 
 {common.machine_line()}
-{requests_doc}
-{wake_doc}
+
+{requests_doc.strip()}
+
+{wake_doc.strip()}
 """,
     )
 
