@@ -128,7 +128,11 @@ def extra_calls(result: dict[str, Any], plain: dict[str, Any]) -> str:
     diffs = {
         k: (mine.get(k, 0) / result["fires"]) - (base.get(k, 0) / plain["fires"]) for k in {*mine, *base}
     }
-    shown = [f"{k} {d:+.2f}" for k, d in sorted(diffs.items(), key=lambda kv: -abs(kv[1])) if abs(d) >= 0.005]
+    shown = [
+        f"{k} {d:+.2f}"
+        for k, d in sorted(diffs.items(), key=lambda kv: (-abs(round(kv[1], 2)), kv[0]))
+        if abs(d) >= 0.005
+    ]
     return ", ".join(shown) or "none"
 
 
@@ -331,7 +335,8 @@ def main() -> None:
     count = 20 if args.quick else 100
     rounds = 1 if args.quick else 2
     say(f"flow control: {fires} fires per request-count variant; {count} runs on a key of limit 1")
-    say(common.machine_line())
+    machine = common.machine_line()  # the load before the run, for the document
+    say(machine)
     with common.azurite() as emulator:
         conn = emulator.connection_string
         say("1. requests per fire")
@@ -356,7 +361,7 @@ def main() -> None:
         finally:
             agent.stop()
     common.save_json("flow_control", {"requests": variants, "wake": wakes})
-    report(args, variants, wakes, fires)
+    report(args, variants, wakes, fires, machine)
 
 
 def num(x: float, digits: int = 2) -> str:
@@ -457,8 +462,9 @@ and `AzureQueue`; then the same by kind of request, from the hook.
   agent starts in any {ratewait["period"]} s were {ratewait["max_in_period"]}{span_text}. Each waiting
   run cost {per_waiting:.2f} requests more than a run that did not wait: its step written `pending` (in the
   fire's own run insert), a delayed retry message (send, receive share, delete), and on its arrival
-  the routine, the run and the starts row read again, then the lease written; the final write reads
-  the overlap slot, whose etag the fire's message knew but did not store. {retries} retry messages
+  the routine, the run and the starts row read again, then the lease written (a wait again costs the
+  message, the reads and a write once more); the final write reads the overlap slot, whose etag the
+  fire's message knew but did not store. {retries} retry messages
   for {waited} waiting runs: every run told to wait is given the same instant, when the oldest start
   leaves the window (`limits.take` returns `recent[-limit][0] + period`), so they all come back
   together, and one that finds the window still full waits again, for the next start to leave it
@@ -610,7 +616,9 @@ going through the queue.
     return printed, doc
 
 
-def report(args: Any, variants: list[dict[str, Any]], wakes: list[dict[str, Any]], fires: int) -> None:
+def report(
+    args: Any, variants: list[dict[str, Any]], wakes: list[dict[str, Any]], fires: int, machine: str
+) -> None:
     requests_printed, requests_doc = request_lines(fires, variants)
     wake_printed, wake_doc = wake_lines(wakes)
     say()
@@ -625,7 +633,7 @@ def report(args: Any, variants: list[dict[str, Any]], wakes: list[dict[str, Any]
         f"""
 ## 10. Flow control: requests per fire, and the wait behind a freed permit (`bench/flow_control.py`{quick})
 
-{common.machine_line()}
+{machine}
 
 {requests_doc.strip()}
 
