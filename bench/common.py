@@ -281,6 +281,7 @@ class AgentLine:
     status: int
     idempotency_key: str | None
     attempt: int | None
+    delay: float = 0.0  # seconds from the request's arrival to the whole answer sent
 
     @property
     def routine_id(self) -> str:
@@ -320,7 +321,12 @@ class AgentProcess:
                 continue  # a line being written
             out.append(
                 AgentLine(
-                    data["t"], data["kind"], data["status"], data.get("idempotency_key"), data.get("attempt")
+                    data["t"],
+                    data["kind"],
+                    data["status"],
+                    data.get("idempotency_key"),
+                    data.get("attempt"),
+                    data.get("delay", 0.0),
                 )
             )
         return out

@@ -45,9 +45,10 @@ def measure(
     overlap: OverlapPolicy = OverlapPolicy.skip,
     timeout: float = 60,
     actions: list[Any] | None = None,
-    concurrency: Concurrency | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
-    """Run ``fires`` fires through tick, receive, dispatch and delete; count requests per phase."""
+    """Run ``fires`` fires through tick, receive, dispatch and delete; count requests per phase.
+    ``fields``: more fields of every routine (``concurrency``, ``rate_limit`` ...)."""
     counter = common.RequestCounter()
     prefix, queue_name = f"rpf{name}", f"rpf-{name}"
     env = common.app_env(connection, prefix, queue_name, agent.url)
@@ -69,7 +70,7 @@ def measure(
             agent=agent_name,
             overlap_policy=overlap,
             actions=actions,
-            concurrency=concurrency,
+            **fields,
         )
         for i in range(fires)
     ]

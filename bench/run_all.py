@@ -3,8 +3,8 @@
 Each one is its own process (a fresh Azurite each), run one after another so they never compete for
 the machine's cores; a failure is reported and the others still run. Without names, all run, in this
 order: tick_cost, requests_per_fire, throughput, on_time, compute_per_fire, approval_wait, cold_start,
-webhooks, apscheduler_peer (the last waits ~11 minutes for killed in-flight fires to come back unless
-``--quick``).
+webhooks, flow_control, apscheduler_peer (the last waits ~11 minutes for killed in-flight fires to come
+back unless ``--quick``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ ORDER = (
     "approval_wait",
     "cold_start",
     "webhooks",
+    "flow_control",
     "apscheduler_peer",
 )
 
