@@ -541,7 +541,7 @@ def _claim(f: Facts, routine: Routine, run: Run, before: tuple[Effect, ...], *, 
                 # The overlap slot was only assumed free: look before waiting, or a fire that the
                 # overlap policy skips (or buffers) would wait in the key's line instead.
                 return Load("slot")
-            return _wait_for_permit(f, run, conc, permits, before, fresh=fresh)
+            return _wait_for_permit(f, run, plan, conc, permits, before, fresh=fresh)
     claimed = run.model_copy(deep=True)
     claimed.status = RunStatus.running
     claimed.attempt = 1
@@ -576,6 +576,7 @@ def _waiter(run: Run) -> limits.Waiter:
 def _wait_for_permit(
     f: Facts,
     run: Run,
+    plan: RunPlan,
     conc: Concurrency,
     permits: limits.Permits,
     before: tuple[Effect, ...],
@@ -592,13 +593,10 @@ def _wait_for_permit(
         and run.next_attempt_at > now + timedelta(seconds=MAX_EARLY_WAIT)
     ):
         return Done(before, "still waiting for a permit")  # its look again is queued
-    plan = run.progress.plan
-    max_age = (
-        plan.retry_policy if plan else f.routine.retry_policy if isinstance(f.routine, Routine) else None
-    )
     recheck = now + PERMIT_RECHECK
-    if max_age is not None and max_age.max_age_seconds is not None:
-        recheck = min(recheck, run.due + timedelta(seconds=max_age.max_age_seconds + 1))
+    max_age = plan.retry_policy.max_age_seconds
+    if max_age is not None:
+        recheck = min(recheck, run.due + timedelta(seconds=max_age + 1))
     waiting = run.model_copy(deep=True)
     waiting.status, waiting.next_attempt_at = RunStatus.queued, recheck
     place = (permits.position(run.id) or 0) + 1

@@ -273,7 +273,12 @@ class Dispatcher:
             self.store.unwatch(effect.routine_id, effect.run_id, effect.up_to_version)
         elif isinstance(effect, decide.CompleteTimer):
             fired = effect.fired
-            self._update_routine(effect.routine_id, lambda r, now: lifecycle.complete_timer(r, fired, now))
+            lifecycle.apply(
+                self.store,
+                effect.routine_id,
+                lambda r, now: lifecycle.complete_timer(r, fired, now),
+                self.clock,
+            )
         elif isinstance(effect, decide.ReleasePermit):
             limits.give_back(self.store, self.queue, effect.key, effect.run_id)
         elif isinstance(effect, decide.CountOutcome):
@@ -281,8 +286,11 @@ class Dispatcher:
             lifecycle.record_outcome(self.store, c.routine_id, c.run_id, c.status, c.ended_at, self.clock)
         elif isinstance(effect, decide.RecordThread):
             e = effect
-            self._update_routine(
-                e.routine_id, lambda r, now: lifecycle.record_thread(r, e.index, e.old, e.new, now)
+            lifecycle.apply(
+                self.store,
+                e.routine_id,
+                lambda r, now: lifecycle.record_thread(r, e.index, e.old, e.new, now),
+                self.clock,
             )
         elif isinstance(effect, decide.Finished):
             run = facts.run if isinstance(facts.run, Run) else None
@@ -386,9 +394,6 @@ class Dispatcher:
             self.backend.cancel(self._call(run, step, now), handle)
         except Exception:  # best effort by contract; a backend bug must not keep the run open
             log.exception("cancelling the agent run of run %s failed", run.id)
-
-    def _update_routine(self, routine_id: str, change: Callable[[Routine, datetime], Routine | None]) -> None:
-        lifecycle.apply(self.store, routine_id, change, self.clock)
 
     # --- telemetry --------------------------------------------------------------------------
     def _log_finished(self, run: Run) -> None:
